@@ -1,0 +1,255 @@
+"""Datasets over a manifest: random training crops and whole utterances, plus their collate.
+
+Items are dicts ``{"id", "wav": (T,), "feats": (n_mels, F) normalised (when a features config is
+given), "speaker": int, "num_samples": int}`` where ``num_samples`` counts the valid samples before
+zero padding. Features always come from :func:`speechvq.features.build_logmel` on the item's own
+waveform, so ``item["feats"]`` is exactly the normalised ``build_logmel(cfg)(item["wav"])``.
+
+A file that cannot be read at load time never stops a run: it is logged once and, for training
+crops, replaced by another utterance chosen deterministically; whole-utterance items are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from speechvq.audio import AudioError, load_audio
+from speechvq.data.manifest import ManifestRow
+from speechvq.features import FeatureStats, build_logmel, utterance_normalize
+
+log = logging.getLogger(__name__)
+
+# Samples per 50 Hz unit at 16 kHz: every model's total stride (contracts: num_units = T // 320).
+# Crops and utterances are kept to multiples of it so mel frames, units and masks line up exactly.
+UNIT_HOP = 320
+# How many other utterances a crop tries before deciding the corpus itself is broken.
+MAX_SUBSTITUTES = 20
+
+
+def _warn_bad(warned: set[str], err: AudioError, what: str) -> None:
+    if err.path not in warned:  # once per file (and dataset copy), not once per epoch
+        warned.add(err.path)
+        log.warning("%s; %s", err, what)
+
+
+class _FrontEnd:
+    """Waveform -> normalised log-mels for one speaker, or nothing when features are off."""
+
+    def __init__(
+        self, stats: FeatureStats | None, features_cfg: Mapping | None, sample_rate: int
+    ) -> None:
+        self.logmel = None
+        self.stats = stats
+        self.mode = "none"
+        if features_cfg is None:
+            return
+        self.logmel = build_logmel(features_cfg)
+        if self.logmel.sample_rate != sample_rate:
+            raise ValueError(
+                f"features.sample_rate {self.logmel.sample_rate} != dataset sample_rate {sample_rate}"
+            )
+        if "normalize" not in features_cfg:
+            raise ValueError("features config lacks 'normalize' (speaker|global|utterance|none)")
+        self.mode = str(features_cfg["normalize"])
+        if self.mode in ("speaker", "global") and stats is None:
+            raise ValueError(f"features.normalize={self.mode} needs the corpus stats (stats.json)")
+        if stats is not None:
+            stats.check_features(features_cfg)
+
+    def __call__(self, wav: Tensor, speaker: str, num_samples: int) -> Tensor | None:
+        if self.logmel is None:
+            return None
+        with torch.no_grad():
+            feats = self.logmel(wav)
+            valid = self.logmel.num_frames(num_samples)
+            if self.mode != "none":
+                if self.stats is None:  # only "utterance" gets here without stats
+                    feats = utterance_normalize(feats, valid)
+                else:
+                    feats = self.stats.normalize(feats, speaker, self.mode, valid_frames=valid)
+            feats[:, valid:] = 0.0  # padding: 0 is the normalised mean, and it is masked anyway
+        return feats
+
+
+def _item(row: ManifestRow, wav: Tensor, feats: Tensor | None, speaker: int, n: int) -> dict:
+    item = {"id": row.id, "wav": wav, "speaker": speaker, "num_samples": n}
+    if feats is not None:
+        item["feats"] = feats
+    return item
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random fixed-length training crops; item ``i`` is a pure function of ``(seed, epoch, i)``.
+
+    ``crop_seconds`` is rounded down to a multiple of 20 ms (one unit). Shorter utterances are
+    zero-padded at the end (``num_samples`` says how much is real). ``speakers`` gives the speaker
+    ids (index in the list); every row's speaker must be in it. ``features_cfg=None``: waveforms only.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[ManifestRow],
+        speakers: Sequence[str],
+        stats: FeatureStats | None,
+        features_cfg: Mapping | None,
+        crop_seconds: float,
+        sample_rate: int = 16000,
+        seed: int = 0,
+    ) -> None:
+        self.rows = list(rows)
+        if not self.rows:
+            raise ValueError("CropDataset needs at least one utterance")
+        self.speakers = list(speakers)
+        self._speaker_ids = {s: i for i, s in enumerate(self.speakers)}
+        unknown = sorted({r.speaker for r in self.rows} - set(self._speaker_ids))
+        if unknown:
+            raise ValueError(f"speaker(s) {unknown[:5]} of the manifest are not in `speakers`")
+        self.sample_rate = int(sample_rate)
+        self.crop_samples = int(round(crop_seconds * sample_rate)) // UNIT_HOP * UNIT_HOP
+        if self.crop_samples <= 0:
+            raise ValueError(f"crop_seconds {crop_seconds} is shorter than one unit (20 ms)")
+        self.seed = int(seed)
+        self.epoch = 0
+        self._front = _FrontEnd(stats, features_cfg, self.sample_rate)
+        self._bad: set[int] = set()
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops of ``epoch`` (call at the start of every epoch, as for samplers)."""
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int, attempt: int = 0) -> np.random.Generator:
+        key = [self.seed, self.epoch, index] + ([attempt] if attempt else [])
+        return np.random.default_rng(key)
+
+    def _load(self, index: int) -> tuple[int, Tensor]:
+        """Audio of ``index``, or of a deterministic substitute when that file is unreadable."""
+        for attempt in range(MAX_SUBSTITUTES + 1):
+            i = index if attempt == 0 else int(self._rng(index, attempt).integers(len(self.rows)))
+            if i in self._bad:
+                continue
+            try:
+                return i, load_audio(self.rows[i].path, self.sample_rate)
+            except AudioError as err:
+                self._bad.add(i)
+                _warn_bad(self._warned, err, "skipping it (another utterance is used in its place)")
+        raise RuntimeError(
+            f"{MAX_SUBSTITUTES + 1} utterances in a row could not be read (last tried: "
+            f"{self.rows[i].path}); the corpus looks broken, re-run speechvq-prepare"
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        i, wav = self._load(index)
+        row = self.rows[i]
+        n = wav.numel()
+        if n >= self.crop_samples:
+            start = int(self._rng(index).integers(0, n - self.crop_samples + 1))
+            wav = wav[start : start + self.crop_samples].clone()
+            n = self.crop_samples
+        else:
+            wav = torch.cat([wav, wav.new_zeros(self.crop_samples - n)])
+        feats = self._front(wav, row.speaker, n)
+        return _item(row, wav, feats, self._speaker_ids[row.speaker], n)
+
+
+class UtteranceDataset(torch.utils.data.Dataset):
+    """Whole utterances in manifest order (validation, test, unit extraction, resynthesis).
+
+    Each utterance is cut to a whole number of units (``T // 320 * 320`` samples: the tail shorter
+    than one unit gets no unit anyway). An unreadable file gives ``None`` (logged once), which
+    :func:`collate` drops. A speaker not in ``speakers`` gets id -1.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[ManifestRow],
+        speakers: Sequence[str],
+        stats: FeatureStats | None,
+        features_cfg: Mapping | None,
+        sample_rate: int = 16000,
+    ) -> None:
+        self.rows = list(rows)
+        self.speakers = list(speakers)
+        self._speaker_ids = {s: i for i, s in enumerate(self.speakers)}
+        unknown = sorted({r.speaker for r in self.rows} - set(self._speaker_ids))
+        if unknown:
+            log.warning("speaker(s) %s are not among the model's speakers: id -1", unknown[:5])
+        self.sample_rate = int(sample_rate)
+        self._front = _FrontEnd(stats, features_cfg, self.sample_rate)
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.rows[index]
+        try:
+            wav = load_audio(row.path, self.sample_rate)
+        except AudioError as err:
+            _warn_bad(self._warned, err, "skipping it")
+            return None
+        n = wav.numel() // UNIT_HOP * UNIT_HOP
+        wav = wav[:n].clone()
+        feats = self._front(wav, row.speaker, n)
+        return _item(row, wav, feats, self._speaker_ids.get(row.speaker, -1), n)
+
+    def sorted_batches(self, max_seconds: float) -> list[list[int]]:
+        """Index batches of similar lengths (longest first) whose padded size stays within
+        ``max_seconds`` of audio (a longer utterance gets a batch of its own). Deterministic;
+        use as ``DataLoader(ds, batch_sampler=ds.sorted_batches(s), collate_fn=collate)``."""
+        limit = max_seconds * self.sample_rate
+        order = sorted(range(len(self.rows)), key=lambda i: (-self.rows[i].num_samples, i))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            longest = self.rows[current[0]].num_samples if current else self.rows[i].num_samples
+            if current and longest * (len(current) + 1) > limit:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+
+def collate(items: Sequence[dict | None]) -> dict | None:
+    """Stack items into a batch, zero-padding to the longest; ``None`` items (bad files) are dropped.
+
+    Returns ``{"ids": [B], "wav": (B, T), "feats": (B, n_mels, F) (when items have feats),
+    "speaker": (B,) long, "num_samples": (B,) long, "mask": (B, T // 320) bool}`` where ``mask`` marks
+    the valid 50 Hz unit frames; ``None`` when every item was dropped (skip that batch).
+    """
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    longest = max(max(it["wav"].numel() for it in items), UNIT_HOP)
+    t_pad = -(-longest // UNIT_HOP) * UNIT_HOP
+    wav = torch.zeros(len(items), t_pad)
+    for b, it in enumerate(items):
+        wav[b, : it["wav"].numel()] = it["wav"]
+    num_samples = torch.tensor([it["num_samples"] for it in items], dtype=torch.long)
+    n_units = t_pad // UNIT_HOP
+    mask = torch.arange(n_units)[None, :] < (num_samples // UNIT_HOP)[:, None]
+    batch = {
+        "ids": [it["id"] for it in items],
+        "wav": wav,
+        "speaker": torch.tensor([it["speaker"] for it in items], dtype=torch.long),
+        "num_samples": num_samples,
+        "mask": mask,
+    }
+    if all("feats" in it for it in items):
+        n_mels = items[0]["feats"].shape[0]
+        frames = max(it["feats"].shape[-1] for it in items)
+        feats = torch.zeros(len(items), n_mels, frames)
+        for b, it in enumerate(items):
+            feats[b, :, : it["feats"].shape[-1]] = it["feats"]
+        batch["feats"] = feats
+    return batch

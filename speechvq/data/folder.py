@@ -1,0 +1,275 @@
+"""Any folder of audio -> manifest rows, a list of rejected files, and train/valid/test splits.
+
+Ids are the file's path relative to the root without its suffix, with ``/`` (and whitespace)
+replaced by ``_``. The speaker is the file's parent folder name by default (``grandparent`` for
+``<speaker>/<chapter>/<utt>`` layouts, or a regular expression over the relative path).
+Every file is fully decoded once (:func:`speechvq.audio.inspect_audio`) so that corrupt, empty,
+truncated or NaN-bearing files are listed with a reason and left out instead of surfacing later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from speechvq.audio import AudioError, inspect_audio
+from speechvq.data.manifest import ManifestRow, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+SPEAKER_MODES = ("parent", "grandparent", "regex")
+SPLIT_MODES = ("none", "speaker", "utterance")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An audio file found on disk, before its audio has been checked."""
+
+    id: str
+    path: str
+    speaker: str
+    text: str | None = None
+
+
+def find_audio(root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Path]:
+    """Audio files under ``root`` (recursively, following symlinks once), sorted."""
+    root = Path(root)
+    exts = tuple(e.lower() for e in extensions)
+    found: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop
+            dirnames.clear()
+            continue
+        visited.add(real)
+        found.extend(Path(dirpath, f) for f in filenames if f.lower().endswith(exts))
+    return sorted(found)
+
+
+def _clean(name: str) -> str:
+    """Ids and speakers end up in whitespace-separated formats (kaldi, units): no whitespace."""
+    return re.sub(r"\s", "_", name)
+
+
+def utterance_id(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``root/spk/a b.wav`` -> ``spk_a_b``: relative path without suffix, ``/`` and spaces -> ``_``."""
+    rel = Path(path).relative_to(root)
+    return _clean(rel.with_suffix("").as_posix().replace("/", "_"))
+
+
+def speaker_of(
+    path: str | os.PathLike, root: str | os.PathLike, mode: str = "parent", regex: str | None = None
+) -> str:
+    """The speaker of ``path``: its ``parent`` or ``grandparent`` folder name, or the first group
+    (else the whole match) of ``regex`` searched in the path relative to ``root``.
+
+    Raises ValueError when the regex does not match.
+    """
+    path = Path(path)
+    if mode == "parent":
+        return _clean(path.parent.name)
+    if mode == "grandparent":
+        return _clean(path.parent.parent.name)
+    if mode == "regex":
+        if not regex:
+            raise ValueError("speaker mode 'regex' needs a speaker_regex")
+        rel = path.relative_to(root).as_posix()
+        m = re.search(regex, rel)
+        if not m or not (m.group(1) if m.groups() else m.group(0)):
+            raise ValueError(f"speaker regex {regex!r} does not match {rel!r}")
+        return _clean(m.group(1) if m.groups() else m.group(0))
+    raise ValueError(f"unknown speaker mode {mode!r}; choose one of {SPEAKER_MODES}")
+
+
+def check_unique_ids(items: Iterable[Candidate]) -> None:
+    """Raise ValueError listing every id that two or more files map to."""
+    by_id: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        by_id[item.id].append(item.path)
+    clashes = {k: v for k, v in by_id.items() if len(v) > 1}
+    if clashes:
+        shown = "; ".join(f"{k!r} <- {', '.join(v)}" for k, v in sorted(clashes.items())[:10])
+        more = f" (and {len(clashes) - 10} more)" if len(clashes) > 10 else ""
+        raise ValueError(
+            f"{len(clashes)} utterance id clash(es): {shown}{more}. Ids are the relative path "
+            "without suffix with '/' -> '_'; rename or remove one file of each pair"
+        )
+
+
+def folder_candidates(
+    root: str | os.PathLike,
+    speaker: str = "parent",
+    speaker_regex: str | None = None,
+    extensions: Sequence[str] = AUDIO_EXTENSIONS,
+) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Audio files under ``root`` as candidates, plus ``(path, reason)`` for unusable names."""
+    if speaker not in SPEAKER_MODES:
+        raise ValueError(f"unknown speaker mode {speaker!r}; choose one of {SPEAKER_MODES}")
+    items, rejected = [], []
+    for path in find_audio(root, extensions):
+        if "\t" in str(path) or "\n" in str(path):
+            rejected.append((str(path), "tab or newline in the file name"))
+            continue
+        try:
+            spk = speaker_of(path, root, speaker, speaker_regex)
+        except ValueError as err:
+            rejected.append((str(path), str(err)))
+            continue
+        items.append(Candidate(utterance_id(path, root), str(path), spk))
+    check_unique_ids(items)
+    return items, rejected
+
+
+def librispeech_candidates(
+    root: str | os.PathLike,
+) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """A LibriSpeech-layout tree ``<speaker>/<chapter>/<id>.flac`` with ``<speaker>-<chapter>.trans.txt``
+    beside: ids are the file stems, speakers the reader folders, texts from the transcripts."""
+    texts: dict[str, str] = {}
+    for trans in sorted(Path(root).rglob("*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            utt, _, text = line.strip().partition(" ")
+            if utt:
+                texts[utt] = text.strip()
+    items, rejected = [], []
+    for path in find_audio(root, (".flac", ".wav")):
+        utt = _clean(path.stem)
+        if utt not in texts:
+            log.warning("%s: no transcript line for %s", path, utt)
+        items.append(Candidate(utt, str(path), _clean(path.parent.parent.name), texts.get(utt)))
+    check_unique_ids(items)
+    return items, rejected
+
+
+def _inspect(item: Candidate, sample_rate: int, min_seconds: float):
+    try:
+        return inspect_audio(item.path, sample_rate, min_seconds), None
+    except AudioError as err:
+        return None, err.problem
+    except Exception as err:  # noqa: BLE001 - one odd file must not stop a corpus scan
+        return None, f"unexpected error: {err!r}"
+
+
+def inspect_candidates(
+    items: Sequence[Candidate],
+    sample_rate: int,
+    min_seconds: float = 0.0,
+    workers: int = 2,
+    progress: bool = True,
+) -> tuple[list[ManifestRow], list[tuple[str, str]], Counter]:
+    """Decode every candidate: good ones become rows; bad ones ``(path, reason)``.
+
+    Also returns a count of conversion notes (downmixed / resampled). Decoding and resampling
+    release the GIL, so a small thread pool is enough to use ``workers`` cores.
+    """
+    rows, rejected, notes = [], [], Counter()
+
+    def work(item: Candidate):
+        return _inspect(item, sample_rate, min_seconds)
+
+    bar = tqdm(total=len(items), desc="inspecting audio", unit="file", disable=not progress)
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for item, (info, reason) in zip(items, pool.map(work, items), strict=True):
+            bar.update()
+            if info is None:
+                rejected.append((item.path, reason))
+                continue
+            rows.append(ManifestRow(item.id, item.path, info.num_samples, item.speaker, item.text))
+            for note in info.notes:
+                notes[note.split(" ")[0]] += 1  # "downmixed" / "resampled"
+    bar.close()
+    return rows, rejected, notes
+
+
+def write_rejected(path: str | os.PathLike, rejected: Sequence[tuple[str, str]]) -> None:
+    """``path<TAB>reason`` per rejected file, with a header, atomically (header only if none)."""
+    lines = ["path\treason"] + [f"{p}\t{_clean_reason(r)}" for p, r in rejected]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _clean_reason(reason: str) -> str:
+    return re.sub(r"[\t\r\n]+", " ", reason)
+
+
+def _count(fraction: float, n: int) -> int:
+    """How many of ``n`` go to a held-out split: at least one whenever the fraction is non-zero."""
+    return 0 if fraction <= 0 else max(1, round(fraction * n))
+
+
+def split_rows(
+    rows: Sequence[ManifestRow],
+    by: str,
+    valid: float,
+    test: float,
+    seed: int = 0,
+) -> dict[str, list[ManifestRow]]:
+    """Split into ``train``/``valid``/``test``, reproducibly for a given ``seed``.
+
+    ``by="speaker"``: each speaker goes to exactly one split (held-out speakers);
+    ``by="utterance"``: stratified per speaker, so every speaker with at least three utterances is
+    in every split. Each utterance lands in exactly one split; rows keep their input order.
+    """
+    if by not in ("speaker", "utterance"):
+        raise ValueError(f"unknown split mode {by!r}; choose 'speaker' or 'utterance'")
+    if valid < 0 or test < 0 or valid + test >= 1:
+        raise ValueError(f"split fractions valid={valid}, test={test} must be >= 0 and sum below 1")
+    by_speaker: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r.id):  # independent of the input order
+        by_speaker[r.speaker].append(r.id)
+    assign: dict[str, str] = {}
+    if by == "speaker":
+        speakers = sorted(by_speaker)
+        random.Random(seed).shuffle(speakers)
+        n_test, n_valid = _count(test, len(speakers)), _count(valid, len(speakers))
+        if n_test + n_valid >= len(speakers):
+            raise ValueError(
+                f"{len(speakers)} speaker(s) are too few to hold out {n_valid} for valid and "
+                f"{n_test} for test; use split.by=utterance or smaller fractions"
+            )
+        for i, spk in enumerate(speakers):
+            split = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
+            assign.update((utt, split) for utt in by_speaker[spk])
+    else:
+        for spk, utts in sorted(by_speaker.items()):
+            utts = list(utts)
+            # seeding with a string is stable across runs and Python versions (sha512 of it)
+            random.Random(f"{seed}/{spk}").shuffle(utts)
+            n_test, n_valid = _count(test, len(utts)), _count(valid, len(utts))
+            while n_test + n_valid >= len(utts) and n_test + n_valid > 0:
+                if n_test >= n_valid:
+                    n_test -= 1
+                else:
+                    n_valid -= 1
+            if (test > 0 and n_test == 0) or (valid > 0 and n_valid == 0):
+                log.warning(
+                    "speaker %s has only %d utterance(s): not in every split", spk, len(utts)
+                )
+            for i, utt in enumerate(utts):
+                split = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
+                assign[utt] = split
+    return {s: [r for r in rows if assign[r.id] == s] for s in SPLITS}
+
+
+def split_config(split_cfg: Mapping | None) -> tuple[str, float, float, int]:
+    """``(by, valid, test, seed)`` from a ``split`` config node (absent or ``by: none``: no split)."""
+    if not split_cfg or str(split_cfg.get("by") or "none") == "none":
+        return "none", 0.0, 0.0, 0
+    by = str(split_cfg["by"])
+    if by not in SPLIT_MODES:
+        raise ValueError(f"unknown split.by {by!r}; choose one of {SPLIT_MODES}")
+    missing = [k for k in ("valid", "test", "seed") if k not in split_cfg]
+    if missing:
+        raise ValueError(f"split config lacks {', '.join(missing)}")
+    return by, float(split_cfg["valid"]), float(split_cfg["test"]), int(split_cfg["seed"])

@@ -1,0 +1,189 @@
+"""speechvq.data.dataset: deterministic crops, padding masks, features, and surviving bad files."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from speechvq.cli._hydra import conf_dir
+from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
+from speechvq.data.manifest import ManifestRow, speakers_of
+from speechvq.features import build_logmel, compute_stats
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def features_cfg() -> dict:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("prepare", overrides=["out_dir=unused"])
+    return OmegaConf.to_container(cfg.features, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two speakers, utterances of 0.3-1.2 s (some shorter than the 0.5 s crop), one broken file."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    rows = []
+    for spk, freq in (("ann", 220.0), ("bob", 330.0)):
+        for i, seconds in enumerate((0.3, 0.8, 1.2, 0.61)):
+            n = int(seconds * SR)
+            wav = 0.3 * np.sin(2 * np.pi * freq * np.arange(n) / SR) + 0.05 * rng.standard_normal(n)
+            path = root / f"{spk}_{i}.flac"
+            sf.write(path, wav.astype(np.float32), SR)
+            rows.append(ManifestRow(f"{spk}_{i}", str(path), n, spk))
+    broken = root / "broken.wav"
+    broken.write_text("not audio")
+    rows.insert(3, ManifestRow("broken", str(broken), 12000, "ann"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stats(corpus, features_cfg):
+    return compute_stats(corpus, features_cfg, progress=False)
+
+
+def _crops(corpus, stats, features_cfg, seed=0, crop=0.5):
+    return CropDataset(corpus, speakers_of(corpus), stats, features_cfg, crop, SR, seed=seed)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (
+        a["id"] == b["id"]
+        and torch.equal(a["wav"], b["wav"])
+        and torch.equal(a["feats"], b["feats"])
+    )
+
+
+def test_crops_are_a_function_of_seed_epoch_index(corpus, stats, features_cfg):
+    ds = _crops(corpus, stats, features_cfg)
+    long_idx = [i for i, r in enumerate(corpus) if r.num_samples > SR]
+    ds.set_epoch(3)
+    first = [ds[i] for i in range(len(ds))]
+    # a fresh dataset (a resumed run), visited in another order, sees exactly the same data
+    again = _crops(corpus, stats, features_cfg)
+    again.set_epoch(3)
+    for i in reversed(range(len(again))):
+        assert _same(again[i], first[i])
+    ds.set_epoch(4)
+    assert not all(torch.equal(ds[i]["wav"], first[i]["wav"]) for i in long_idx)
+    other = _crops(corpus, stats, features_cfg, seed=1)
+    other.set_epoch(3)
+    assert not all(torch.equal(other[i]["wav"], first[i]["wav"]) for i in long_idx)
+
+
+def test_crop_content_shapes_and_features(corpus, stats, features_cfg):
+    ds = _crops(corpus, stats, features_cfg)
+    logmel = build_logmel(features_cfg)
+    crop = ds.crop_samples
+    assert crop == 8000 and crop % UNIT_HOP == 0
+    for i in range(len(ds)):
+        item = ds[i]
+        row = corpus[i]
+        assert item["wav"].shape == (crop,)
+        assert item["feats"].shape == (features_cfg["n_mels"], crop // features_cfg["hop_length"])
+        assert item["speaker"] == speakers_of(corpus).index(row.speaker)
+        if row.id == "broken":
+            continue
+        full = torch.from_numpy(sf.read(row.path, dtype="float32")[0])
+        n = item["num_samples"]
+        assert n == min(crop, full.numel())
+        if full.numel() >= crop:  # a real slice of the utterance
+            starts = [
+                s
+                for s in range(full.numel() - crop + 1)
+                if torch.equal(full[s : s + crop], item["wav"])
+            ]
+            assert starts
+        else:  # zero-padded at the end
+            assert torch.equal(item["wav"][:n], full) and not item["wav"][n:].any()
+        # the dataset's features are exactly the one front-end's, normalised per speaker
+        expected = stats.normalize(logmel(item["wav"]), row.speaker, "speaker")
+        valid = n // features_cfg["hop_length"]
+        assert torch.equal(item["feats"][:, :valid], expected[:, :valid])
+        assert not item["feats"][:, valid:].any()
+
+
+def test_bad_file_is_replaced_deterministically(corpus, stats, features_cfg, caplog):
+    bad = next(i for i, r in enumerate(corpus) if r.id == "broken")
+    ds = _crops(corpus, stats, features_cfg)
+    with caplog.at_level(logging.WARNING):
+        item = ds[bad]
+    assert item["id"] != "broken" and "broken.wav" in caplog.text
+    assert _same(_crops(corpus, stats, features_cfg)[bad], item)
+    # a corpus with nothing readable is an error, not an endless loop
+    with pytest.raises(RuntimeError, match="broken"):
+        _crops([corpus[bad]], stats, features_cfg)[0]
+
+
+def test_collate_pads_and_masks(corpus, stats, features_cfg):
+    ds = _crops(corpus, stats, features_cfg)
+    items = [ds[i] for i in range(len(ds))]
+    batch = collate(items)
+    b, crop = len(items), ds.crop_samples
+    assert batch["wav"].shape == (b, crop)
+    assert batch["feats"].shape == (b, features_cfg["n_mels"], crop // features_cfg["hop_length"])
+    assert batch["mask"].shape == (b, crop // UNIT_HOP) and batch["mask"].dtype == torch.bool
+    assert batch["speaker"].dtype == torch.long and batch["num_samples"].dtype == torch.long
+    for k, it in enumerate(items):
+        assert int(batch["mask"][k].sum()) == it["num_samples"] // UNIT_HOP
+    short = [k for k, it in enumerate(items) if it["num_samples"] < crop]
+    assert short and not batch["mask"][short[0]].all()
+    # default DataLoader plumbing works
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate)
+    assert sum(len(x["ids"]) for x in loader) == len(ds)
+
+
+def test_waveform_only_and_config_checks(corpus, stats, features_cfg):
+    ds = CropDataset(corpus, speakers_of(corpus), None, None, 0.5, SR)
+    assert "feats" not in ds[0]
+    with pytest.raises(ValueError, match="stats"):
+        CropDataset(corpus, speakers_of(corpus), None, features_cfg, 0.5, SR)
+    with pytest.raises(ValueError, match="n_mels"):
+        CropDataset(corpus, speakers_of(corpus), stats, {**features_cfg, "n_mels": 40}, 0.5, SR)
+    with pytest.raises(ValueError, match="bob"):
+        CropDataset(corpus, ["ann"], stats, features_cfg, 0.5, SR)
+    utt = CropDataset(
+        corpus, speakers_of(corpus), None, {**features_cfg, "normalize": "utterance"}, 2.0, SR
+    )
+    item = utt[1]
+    valid = item["num_samples"] // features_cfg["hop_length"]
+    torch.testing.assert_close(item["feats"][:, :valid].mean(1), torch.zeros(80), atol=1e-4, rtol=0)
+
+
+def test_utterances_in_order_bad_ones_dropped(corpus, stats, features_cfg, caplog):
+    ds = UtteranceDataset(corpus, ["bob"], stats, features_cfg, SR)
+    with caplog.at_level(logging.WARNING):
+        items = [ds[i] for i in range(len(ds))]
+    bad = next(i for i, r in enumerate(corpus) if r.id == "broken")
+    assert items[bad] is None
+    for row, it in zip(corpus, items, strict=True):
+        if it is None:
+            continue
+        assert it["id"] == row.id
+        assert it["num_samples"] == row.num_samples // UNIT_HOP * UNIT_HOP == it["wav"].numel()
+        assert it["speaker"] == (0 if row.speaker == "bob" else -1)
+    batch = collate(items)
+    assert batch["ids"] == [r.id for r in corpus if r.id != "broken"]
+    longest = max(r.num_samples for r in corpus if r.id != "broken") // UNIT_HOP * UNIT_HOP
+    assert batch["wav"].shape[1] == longest
+    assert batch["feats"].shape[2] == longest // features_cfg["hop_length"]
+    assert batch["mask"].shape[1] == longest // UNIT_HOP
+    assert collate([None, None]) is None
+
+
+def test_sorted_batches_cover_everything_once(corpus, stats, features_cfg):
+    ds = UtteranceDataset(corpus, speakers_of(corpus), stats, features_cfg, SR)
+    batches = ds.sorted_batches(max_seconds=2.0)
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    for b in batches:
+        longest = max(corpus[i].num_samples for i in b)
+        assert len(b) == 1 or longest * len(b) <= 2.0 * SR
+    assert batches == ds.sorted_batches(max_seconds=2.0)
