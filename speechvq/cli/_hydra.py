@@ -49,10 +49,11 @@ def hydra_main(config_name: str, run: Callable[[DictConfig], int | None]) -> Cal
         @hydra.main(version_base="1.3", config_path=path, config_name=config_name)
         def _main(cfg: DictConfig) -> None:
             from speechvq.audio import AudioError
+            from speechvq.checkpoint import CheckpointError
 
             try:
                 status = run(cfg)
-            except (StageError, AudioError) as err:
+            except (StageError, AudioError, CheckpointError) as err:
                 log.error("%s", err)
                 sys.exit(2)
             if status:

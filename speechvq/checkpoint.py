@@ -1,0 +1,196 @@
+"""Self-describing checkpoints: weights + model config + training state + meta, as plain data.
+
+A checkpoint is a ``torch.save`` of a plain dict of tensors and Python scalars/strings/lists/dicts,
+so it loads with ``torch.load(weights_only=True)`` (no pickled classes, nothing executed on load)::
+
+    {"format": "speechvq/1", "kind": "vqvae" | "prior",
+     "model_config": {...builder kwargs...}, "meta": {...}, "model": state_dict,
+     "step": int, "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": ..., "best": float,
+     "config": {...resolved hydra config...}}
+
+Every later stage rebuilds its model from ``model_config`` and ``meta`` alone. Writes are atomic:
+a temp file in the same folder, then ``os.replace``, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "speechvq/1"
+REQUIRED_KEYS = ("format", "kind", "model_config", "meta", "model", "step")
+_SCALARS = (str, int, float, bool, type(None))  # exact types: np.float64 subclasses float
+_TORCH = (torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, of the wrong kind or lacking a key.
+
+    ``str(err)`` names the file and the problem; ``err.path`` is the file.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` (plus ``"format"``) to ``path`` atomically.
+
+    Raises ``TypeError`` naming the key when a value is not a tensor or plain Python data
+    (numpy arrays, OmegaConf nodes, ... would not load with ``weights_only=True``). The file is
+    written to a temp file in the same folder and renamed over ``path``; on any error the temp
+    file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    state = {"format": FORMAT, **state}
+    _check_plain(state, "checkpoint")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(
+    path: str | Path,
+    kind: str | None = None,
+    required: Iterable[str] = (),
+    map_location: str | torch.device = "cpu",
+) -> dict:
+    """Load a speechvq checkpoint with ``weights_only=True`` and check it.
+
+    Args:
+        path: the ``.pt`` file.
+        kind: ``"vqvae"`` or ``"prior"`` to insist on that kind; ``None`` accepts any.
+        required: extra keys that must be present, dotted for nested ones (``"meta.speakers"``).
+        map_location: where tensors go (CPU by default).
+    Raises:
+        CheckpointError: missing file, not a speechvq checkpoint, wrong kind, missing key.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(path, "is not a file (expected a checkpoint .pt file)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            path, f"not a speechvq checkpoint: it holds more than tensors and plain data ({err})"
+        ) from err
+    except Exception as err:  # RuntimeError/EOFError/... for truncated or foreign files
+        raise CheckpointError(
+            path, f"not a speechvq checkpoint: cannot be read ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("speechvq/"):
+        raise CheckpointError(path, "not a speechvq checkpoint (no 'format': 'speechvq/...' key)")
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(
+            path, f"checkpoint format {ckpt['format']!r} is not supported (expected {FORMAT!r})"
+        )
+    if kind is not None and ckpt.get("kind") != kind:
+        raise CheckpointError(path, f"expected a {kind} checkpoint, got {ckpt.get('kind')}")
+    for key in (*REQUIRED_KEYS, *required):
+        _get_dotted(ckpt, key, path)
+    return ckpt
+
+
+def checkpoint_key(ckpt: Mapping, key: str, path: str | Path = "<checkpoint>") -> Any:
+    """``ckpt[a][b]`` for ``key="a.b"``; a missing key raises :class:`CheckpointError` naming it."""
+    return _get_dotted(ckpt, key, Path(path))
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """The first 16 hex digits of the file's sha256: names the exact weights units came from."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def capture_rng() -> dict:
+    """This process's torch / CUDA / numpy / Python RNG states as tensors and plain data."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: one device per rank
+    return state
+
+
+def restore_rng(state: Mapping) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"].cpu())
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            int(np_state["pos"]),
+            int(np_state["has_gauss"]),
+            float(np_state["cached_gaussian"]),
+        )
+    )
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(py["state"].tolist()), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _get_dotted(ckpt: Mapping, key: str, path: Path) -> Any:
+    node: Any = ckpt
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise CheckpointError(path, f"checkpoint is missing key {key!r}")
+        node = node[part]
+    return node
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse values that ``torch.load(weights_only=True)`` would not load, naming the key."""
+    if isinstance(obj, dict):  # not any Mapping: an OmegaConf DictConfig would not load
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}, not str/int")
+            _check_plain(value, f"{where}.{key}")
+    elif type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    elif type(obj) not in _SCALARS and not isinstance(obj, _TORCH):
+        raise TypeError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints hold only "
+            "tensors and plain Python data (convert numpy arrays to tensors, configs to dicts)"
+        )

@@ -1,0 +1,767 @@
+"""One fit loop for every speechvq model: the VQ-VAE now, the unit prior later.
+
+A model family plugs in through the small :class:`Task` protocol; :func:`fit` does the rest:
+AdamW/Adam with warmup + cosine (or constant) learning rate, gradient clipping, CUDA autocast
+(bf16, or fp16 with a GradScaler), ``torchrun`` DDP (gloo on CPU, nccl on GPU), a tqdm bar,
+TensorBoard scalars and media, validation, ``checkpoints/{last,best}.pt`` and exact resume.
+
+Exact resume: the order of training batches is a pure function of (seed, epoch, rank), the
+checkpoint stores the epoch and the batch offset inside it, every rank's RNG state, and the
+optimizer / scheduler / scaler state; validation and media run with the RNG state saved and put
+back, so when they happen cannot change the training run. A run of 2N steps and a run of N steps
+resumed to 2N end with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from speechvq.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(Exception):
+    """A training run that cannot start or go on; the message says what to change."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What :func:`fit` needs from a model family (the VQ-VAE task, the prior task).
+
+    Attributes:
+        kind: the checkpoint kind, ``"vqvae"`` or ``"prior"``.
+        model: the ``nn.Module`` to train, built on CPU; ``fit`` moves it to the device.
+        model_config: the builder's kwargs as plain data: rebuilds ``model`` from the checkpoint.
+        meta: plain data saved in every checkpoint (speakers, stats, frame rate, ...).
+        train_set: map-style dataset; if it has ``set_epoch(epoch)`` fit calls it every epoch.
+            Items must be a pure function of (index, epoch) for exact resume.
+        valid_set: map-style dataset or ``None`` (then best.pt tracks the training loss).
+    """
+
+    kind: str
+    model: nn.Module
+    model_config: dict
+    meta: dict
+    train_set: Dataset
+    valid_set: Dataset | None
+
+    def collate(self, items: list) -> dict | None:
+        """Items of ``train_set`` / ``valid_set`` -> one batch (a dict of tensors and lists);
+        ``None`` skips the batch (e.g. every file unreadable; under DDP only in validation)."""
+        ...
+
+    def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        """One forward pass on a batch already on the device (under autocast).
+
+        ``model`` is the task's model, wrapped in DDP under ``torchrun``; ``model.training`` says
+        whether this is a training or a validation step (validation runs under ``no_grad``).
+        Returns scalars: ``"loss"`` (what is minimised) plus any losses and stats to log.
+        """
+        ...
+
+    def log_media(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:
+        """Write images / audio to TensorBoard (rank 0, eval mode, no_grad)."""
+        ...
+
+
+@dataclass
+class TrainerConfig:
+    """``conf/trainer/*.yaml``: every key is required here, the defaults live in conf/."""
+
+    max_steps: int
+    max_minutes: float | None
+    batch_size: int
+    valid_batch_size: int | None  # None: batch_size
+    num_workers: int
+    optimizer: str  # adam | adamw
+    lr: float
+    betas: list
+    weight_decay: float
+    schedule: str  # constant | cosine
+    warmup_steps: int
+    decay_steps: int | None  # cosine length; None: max_steps
+    min_lr_ratio: float
+    grad_clip: float | None
+    precision: str  # auto | fp32 | bf16 | fp16
+    log_every: int
+    valid_every: int | None
+    valid_batches: int | None  # per rank; None: the whole validation set
+    media_every: int | None
+    save_every: int
+    broadcast_buffers: bool
+    find_unused_parameters: bool
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping) -> TrainerConfig:
+        given = dict(cfg)
+        names = {f.name for f in fields(cls)}
+        if unknown := sorted(set(given) - names):
+            raise TrainingError(f"trainer config: unknown key(s) {unknown}")
+        if missing := sorted(names - set(given)):
+            raise TrainingError(f"trainer config: missing key(s) {missing}")
+        tc = cls(**given)
+        tc.betas = list(tc.betas)
+        if tc.optimizer not in ("adam", "adamw"):
+            raise TrainingError(f"trainer.optimizer must be adam or adamw, not {tc.optimizer!r}")
+        if tc.schedule not in ("constant", "cosine"):
+            raise TrainingError(f"trainer.schedule must be constant or cosine, not {tc.schedule!r}")
+        if tc.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise TrainingError(
+                f"trainer.precision must be auto/fp32/bf16/fp16, not {tc.precision!r}"
+            )
+        return tc
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owned: bool = False  # this module started the process group and ends it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the ``torchrun`` process group from its env vars (gloo on CPU, nccl on CUDA).
+
+    Without ``WORLD_SIZE > 1`` in the environment this is a single process and does nothing.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=False)
+    use_cuda = _resolve_device(device, local_rank).type == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=True)
+
+
+def _resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def state_checksums(module: nn.Module) -> dict[str, str]:
+    """sha256 (16 hex) of every parameter and buffer: equal on all DDP replicas or a bug."""
+    out = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        out[name] = hashlib.sha256(data.tobytes()).hexdigest()[:16]
+    return out
+
+
+def replica_checksum(module: nn.Module) -> str:
+    """One checksum over every parameter and buffer (the ``"replicas"`` entries of a checkpoint)."""
+    return _combine(state_checksums(module))
+
+
+def _combine(checksums: dict[str, str]) -> str:
+    joined = "".join(f"{k}={checksums[k]};" for k in sorted(checksums))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def verify_replicas(module: nn.Module, info: DistInfo) -> list[str]:
+    """Compare parameters and buffers (EMA codebooks included) across ranks; raise if they drift.
+
+    Returns every rank's :func:`replica_checksum` (saved in the checkpoint as ``"replicas"``).
+    """
+    mine = state_checksums(module)
+    total = _combine(mine)
+    if not info.enabled:
+        return [total]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, (total, mine))
+    totals = [g[0] for g in gathered]
+    if len(set(totals)) > 1:
+        diff = sorted(k for k in mine if len({g[1].get(k) for g in gathered}) > 1)
+        raise TrainingError(
+            f"DDP replicas drifted apart: {len(diff)} tensors differ across ranks "
+            f"(first: {diff[:5]}); codebook statistics must be all-reduced/broadcast"
+        )
+    return totals
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def train_batches(
+    n_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """One epoch of training batches for one rank: a permutation from (seed, epoch), cut into
+    ``world_size * batch_size`` blocks (the last partial block dropped) and sharded by rank, so
+    every rank gets the same number of batches and the order is reproducible for resume."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_items, generator=gen).tolist()
+    block = world_size * batch_size
+    return [
+        order[start + rank * batch_size : start + (rank + 1) * batch_size]
+        for start in range(0, n_items - block + 1, block)
+    ]
+
+
+def valid_batches(
+    n_items: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """Validation batches in dataset order, sharded by rank; the index list is padded by
+    wrapping around so every rank runs the same number of batches."""
+    if n_items == 0:
+        return []
+    per_rank = math.ceil(n_items / world_size)
+    padded = [i % n_items for i in range(per_rank * world_size)]
+    mine = padded[rank::world_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: nn.Module, tc: TrainerConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    params = [p for p in model.parameters() if p.requires_grad]
+    return cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+
+
+def lr_factor(step: int, tc: TrainerConfig) -> float:
+    """Multiplier of ``trainer.lr`` at ``step``: linear warmup, then constant or cosine down to
+    ``min_lr_ratio`` at ``decay_steps`` (default ``max_steps``)."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    if tc.schedule == "constant":
+        return 1.0
+    total = tc.decay_steps or tc.max_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, total - tc.warmup_steps))
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _precision(tc: TrainerConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    name = tc.precision
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+@contextlib.contextmanager
+def _rng_preserved(device: torch.device) -> Iterator[None]:
+    """Run a block (validation, media) without moving the training RNG streams."""
+    state = capture_rng()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        restore_rng(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops cleanly after the
+    # current step, so data workers must not die under it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StopFlag:
+    """SIGTERM / first Ctrl-C ask the loop to stop after the current step (and save);
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        with contextlib.suppress(ValueError):  # signals only work in the main thread
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.reason == "interrupt":
+            raise KeyboardInterrupt
+        self.reason = "interrupt" if signum == signal.SIGINT else "sigterm"
+        log.warning("%s received: stopping after this step and saving last.pt",
+                    signal.Signals(signum).name)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def fit(
+    task: Task,
+    trainer_cfg: Mapping,
+    out_dir: str | Path,
+    resume: bool | str = False,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    config: Mapping | None = None,
+) -> dict:
+    """Train ``task.model`` until ``trainer.max_steps`` / ``trainer.max_minutes`` / a signal.
+
+    Args:
+        task: see :class:`Task`.
+        trainer_cfg: ``conf/trainer/*.yaml`` as a mapping (every key of :class:`TrainerConfig`).
+        out_dir: the run folder: ``checkpoints/{last,best}.pt`` and ``tb/`` go there.
+        resume: ``False`` (refuses an out_dir that already has ``last.pt``), ``True`` (continue
+            from ``checkpoints/last.pt``, which must exist), ``"auto"`` (continue if it exists),
+            or the path of a checkpoint to continue from.
+        seed: seeds the data order and this run's RNG streams (rank r uses ``seed + r``).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``.
+        config: the resolved run config (plain data), saved in every checkpoint.
+    Returns:
+        ``{"step", "stopped" ("max_steps" | "max_minutes" | "interrupt" | "sigterm"), "best",
+        "valid_loss", "train_loss", "last", "best_path"}``.
+    """
+    tc = TrainerConfig.from_mapping(trainer_cfg)
+    info = init_distributed(device)
+    try:
+        loop = _Loop(task, tc, Path(out_dir), info, seed, device, dict(config or {}))
+        return loop.run(resume)
+    finally:
+        if info.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Loop:
+    def __init__(
+        self, task: Task, tc: TrainerConfig, out_dir: Path, info: DistInfo, seed: int,
+        device: str, config: dict,
+    ) -> None:
+        self.task, self.tc, self.info, self.seed, self.config = task, tc, info, seed, config
+        self.out_dir = out_dir
+        self.ckpt_dir = out_dir / "checkpoints"
+        self.device = _resolve_device(device, info.local_rank)
+        self.dtype = _precision(tc, self.device)
+        self.raw = task.model.to(self.device)
+        self.model: nn.Module = self.raw
+        self.optimizer = build_optimizer(self.raw, tc)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, tc)
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.dtype == torch.float16 and self.device.type == "cuda"
+        )
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best = math.inf
+        self.valid_loss: float | None = None
+        self.writer: SummaryWriter | None = None
+        self._acc: dict[str, Tensor] = {}
+        self._acc_n = 0
+        self._interval_loss: list[float] = []  # train-loss fallback for best.pt without valid_set
+        self._skipped = 0
+        self._bad_in_a_row = 0
+        self._last_saved = -1
+        self._last_train_loss: float | None = None
+
+    # ---- setup
+    def _resume_path(self, resume: bool | str) -> Path | None:
+        last = self.ckpt_dir / "last.pt"
+        if isinstance(resume, str) and resume.lower() in ("true", "false", "auto"):
+            resume = {"true": True, "false": False, "auto": "auto"}[resume.lower()]
+        if resume is False or resume is None:
+            if last.exists():
+                raise TrainingError(
+                    f"{last} already exists: pass resume=true to continue that run, or choose "
+                    "another out_dir"
+                )
+            return None
+        if resume == "auto":
+            return last if last.exists() else None
+        if resume is True:
+            if not last.exists():
+                raise TrainingError(f"{last}: no checkpoint to resume from (resume=true)")
+            return last
+        return Path(resume)
+
+    def _load(self, path: Path) -> dict:
+        ckpt = load_checkpoint(path, kind=self.task.kind,
+                               required=("optimizer", "scheduler", "rng"))
+        if ckpt["model_config"] != self.task.model_config:
+            raise TrainingError(
+                f"{path}: its model_config differs from this run's "
+                f"({_first_difference(ckpt['model_config'], self.task.model_config)}); "
+                "resume with the same model/quantizer settings or start a new out_dir"
+            )
+        self.raw.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._apply_config_hyperparameters()
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.epoch = int(ckpt.get("epoch", 0))
+        self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
+        self.best = float(ckpt.get("best", math.inf))
+        self._last_saved = self.step
+        if self.info.is_main:
+            log.info("resuming from %s at step %d (epoch %d, batch %d)", path, self.step,
+                     self.epoch, self.batch_in_epoch)
+        return ckpt
+
+    def _apply_config_hyperparameters(self) -> None:
+        """The optimizer state carries the old run's lr/betas/weight decay: the config given now
+        wins (identical values, so an unchanged config resumes bitwise)."""
+        self.scheduler.base_lrs = [self.tc.lr for _ in self.optimizer.param_groups]
+        lr = self.tc.lr * lr_factor(self.scheduler.last_epoch, self.tc)  # as LambdaLR computes it
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=self.tc.lr, lr=lr, betas=tuple(self.tc.betas),
+                         weight_decay=self.tc.weight_decay)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _restore_rng(self, ckpt: dict) -> None:
+        states = ckpt["rng"]["ranks"]
+        if len(states) == self.info.world_size:
+            restore_rng(states[self.info.rank])
+        else:
+            log.warning("checkpoint was written by %d ranks, this run has %d: RNG streams are "
+                        "reseeded, the run will not be bitwise identical", len(states),
+                        self.info.world_size)
+            restore_rng(states[0])
+            torch.manual_seed(self.seed + self.info.rank + 7919 * self.step)
+
+    def _wrap_ddp(self) -> None:
+        if not self.info.enabled:
+            return
+        ddp = nn.parallel.DistributedDataParallel
+        # torch >= 2.12 renamed broadcast_buffers (buffers are synced at init either way)
+        params = inspect.signature(ddp).parameters
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        self.model = ddp(
+            self.raw,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.tc.find_unused_parameters,
+            **{sync: self.tc.broadcast_buffers},
+        )
+
+    # ---- the run
+    def run(self, resume: bool | str) -> dict:
+        start_time = time.monotonic()
+        path = self._resume_path(resume)
+        ckpt = self._load(path) if path is not None else None
+        self._wrap_ddp()
+        if ckpt is not None:
+            self._restore_rng(ckpt)
+            del ckpt
+        else:
+            seed_everything(self.seed + self.info.rank)
+        n_train = len(self.task.train_set)  # type: ignore[arg-type]
+        per_epoch = len(train_batches(n_train, self.tc.batch_size, self.seed, 0, 0,
+                                      self.info.world_size))
+        if per_epoch == 0:
+            raise TrainingError(
+                f"the training set has {n_train} items, fewer than batch_size "
+                f"({self.tc.batch_size}) x ranks ({self.info.world_size}): lower trainer.batch_size"
+            )
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.out_dir / "tb"),
+                                        purge_step=self.step if path is not None else None)
+            log.info("training %s on %s (%s, %d rank(s)): %d items, %d steps per epoch",
+                     self.task.kind, self.device, self.dtype or "fp32", self.info.world_size,
+                     n_train, per_epoch)
+            if self.task.valid_set is None:
+                log.info("no validation set: best.pt keeps the lowest training loss per interval")
+        stopped = "max_steps" if self.step >= self.tc.max_steps else None
+        bar = tqdm(total=self.tc.max_steps, initial=self.step, unit="step",
+                   disable=not self.info.is_main, dynamic_ncols=True)
+        with _StopFlag() as flag, logging_redirect_tqdm(), bar:
+            t_log, s_log = time.monotonic(), self.step
+            while stopped is None:
+                for batch in self._epoch_loader():
+                    if batch is None:  # every item unreadable (collate dropped them all)
+                        self.batch_in_epoch += 1
+                        continue
+                    self._train_step(batch)
+                    bar.update(1)
+                    stopped = self._stop_reason(flag, start_time)
+                    if self.step % self.tc.log_every == 0 or stopped:
+                        now = time.monotonic()
+                        self._log_train(bar, (self.step - s_log) / max(now - t_log, 1e-9))
+                        t_log, s_log = now, self.step
+                    self._after_step(final=stopped is not None)
+                    if stopped:
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+            if self._last_saved != self.step:
+                self._save(final=True)
+        if self.writer is not None:
+            self.writer.close()
+        if self.info.enabled:
+            dist.barrier()
+        if self.info.is_main:
+            log.info("stopped (%s) at step %d; best %s %.5g", stopped, self.step,
+                     "valid loss" if self.task.valid_set is not None else "train loss", self.best)
+        return {
+            "step": self.step, "stopped": stopped, "best": self.best,
+            "valid_loss": self.valid_loss, "train_loss": self._last_train_loss,
+            "last": str(self.ckpt_dir / "last.pt"), "best_path": str(self.ckpt_dir / "best.pt"),
+        }
+
+    def _epoch_loader(self) -> DataLoader:
+        n_items = len(self.task.train_set)  # type: ignore[arg-type]
+        batches = train_batches(n_items, self.tc.batch_size, self.seed, self.epoch,
+                                self.info.rank, self.info.world_size)
+        if hasattr(self.task.train_set, "set_epoch"):
+            self.task.train_set.set_epoch(self.epoch)
+        return DataLoader(
+            self.task.train_set,
+            batch_sampler=batches[self.batch_in_epoch :],
+            collate_fn=self.task.collate,
+            num_workers=self.tc.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # its own generator: creating the iterator must not draw from the global RNG
+            generator=torch.Generator().manual_seed(self.seed + self.epoch),
+            worker_init_fn=_ignore_sigint,
+        )
+
+    def _train_step(self, batch: dict) -> None:
+        self.model.train()
+        batch = _to_device(batch, self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                            enabled=self.dtype is not None):
+            out = self.task.step(self.model, batch)
+        loss = out["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.tc.grad_clip if self.tc.grad_clip else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+        elif torch.isfinite(grad_norm):  # gradients are all-reduced: every rank agrees
+            self.optimizer.step()
+            self._bad_in_a_row = 0
+        else:
+            self._skipped += 1
+            self._bad_in_a_row += 1
+            if self._bad_in_a_row >= 20:
+                raise TrainingError(f"loss/gradients not finite for 20 steps in a row at step "
+                                    f"{self.step}: lower trainer.lr or use trainer.precision=fp32")
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.batch_in_epoch += 1
+        stats = {k: torch.as_tensor(v).detach().float().mean() for k, v in out.items()}
+        stats["grad_norm"] = grad_norm.detach().float()
+        for key, value in stats.items():
+            self._acc[key] = self._acc.get(key, 0.0) + value
+        self._acc_n += 1
+
+    def _log_train(self, bar: tqdm, steps_per_sec: float) -> None:
+        means = self._reduce_means({k: v / self._acc_n for k, v in self._acc.items()})
+        self._acc, self._acc_n = {}, 0
+        self._last_train_loss = means["loss"]
+        self._interval_loss.append(means["loss"])
+        if self.writer is None:
+            return
+        for key, value in means.items():
+            self.writer.add_scalar(f"train/{key}", value, self.step)
+        self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+        self.writer.add_scalar("train/steps_per_sec", steps_per_sec, self.step)
+        self.writer.add_scalar("train/epoch", self.epoch, self.step)
+        if self._skipped:
+            self.writer.add_scalar("train/skipped_steps", self._skipped, self.step)
+        if self.scaler.is_enabled():
+            self.writer.add_scalar("train/grad_scale", self.scaler.get_scale(), self.step)
+        bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
+
+    def _reduce_means(self, values: dict[str, Tensor]) -> dict[str, float]:
+        """Average per-rank means across ranks; returns Python floats."""
+        keys = sorted(values)
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32,
+                                               device=self.device) for k in keys])
+        if self.info.enabled:
+            dist.all_reduce(stacked)
+            stacked /= self.info.world_size
+        return dict(zip(keys, stacked.tolist(), strict=True))
+
+    def _stop_reason(self, flag: _StopFlag, start_time: float) -> str | None:
+        if self.step >= self.tc.max_steps:
+            return "max_steps"  # the same step on every rank: no need to agree
+        reasons = ["interrupt", "sigterm", "max_minutes"]
+        code = reasons.index(flag.reason) + 1 if flag.reason else 0
+        if not code and self.tc.max_minutes is not None:
+            if time.monotonic() - start_time >= 60 * self.tc.max_minutes:
+                code = 3
+        if self.info.enabled:  # ranks see signals and clocks at different moments: agree
+            t = torch.tensor([code], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return reasons[code - 1] if code else None
+
+    def _after_step(self, final: bool) -> None:
+        tc, s = self.tc, self.step
+        improved = False
+        if (tc.valid_every and s % tc.valid_every == 0) or (final and s >= tc.max_steps):
+            improved = self._validate()
+        if tc.media_every and s % tc.media_every == 0 and self.writer is not None:
+            with _rng_preserved(self.device), torch.no_grad():
+                self.raw.eval()
+                self.task.log_media(self.raw, self.writer, s)
+                self.raw.train()
+        if improved:
+            self._save(best=True)
+        if s % tc.save_every == 0 or final:
+            self._save(final=final)
+
+    @torch.no_grad()
+    def _validate(self) -> bool:
+        """Validation loss (all ranks); True when it is the best so far."""
+        if self.task.valid_set is None:
+            if not self._interval_loss:
+                return False
+            value = sum(self._interval_loss) / len(self._interval_loss)
+            self._interval_loss = []
+        else:
+            value = self._valid_loss()
+        if value < self.best:
+            self.best = value
+            return True
+        return False
+
+    def _valid_loss(self) -> float:
+        bs = self.tc.valid_batch_size or self.tc.batch_size
+        batches = valid_batches(len(self.task.valid_set), bs,  # type: ignore[arg-type]
+                                self.info.rank, self.info.world_size)
+        if self.tc.valid_batches:
+            batches = batches[: self.tc.valid_batches]
+        loader = DataLoader(self.task.valid_set, batch_sampler=batches,  # type: ignore[arg-type]
+                            collate_fn=self.task.collate, num_workers=self.tc.num_workers,
+                            generator=torch.Generator().manual_seed(0),
+                            worker_init_fn=_ignore_sigint)
+        sums: dict[str, Tensor] = {}
+        count = 0
+        with _rng_preserved(self.device):
+            self.raw.eval()
+            for indices, batch in zip(batches, loader, strict=True):
+                if batch is None:  # every utterance of the batch unreadable
+                    continue
+                batch = _to_device(batch, self.device)
+                n = len(indices)
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                    enabled=self.dtype is not None):
+                    out = self.task.step(self.raw, batch)
+                for key, value in out.items():
+                    value = torch.as_tensor(value).detach().float().mean()
+                    sums[key] = sums.get(key, 0.0) + value * n
+                count += n
+            self.raw.train()
+        means = self._reduce_means({k: v / max(count, 1) for k, v in sums.items()})
+        self.valid_loss = means["loss"]
+        if self.writer is not None:
+            for key, value in means.items():
+                self.writer.add_scalar(f"valid/{key}", value, self.step)
+            log.info("step %d: valid loss %.5g (best %.5g)", self.step, means["loss"],
+                     min(self.best, means["loss"]))
+        return means["loss"]
+
+    def _save(self, best: bool = False, final: bool = False) -> None:
+        """Write last.pt (or best.pt): collective under DDP (replica check, RNG gather)."""
+        replicas = verify_replicas(self.raw, self.info)
+        rng = capture_rng()
+        if self.info.enabled:
+            ranks: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(ranks, rng)
+        else:
+            ranks = [rng]
+        if not self.info.is_main:
+            self._last_saved = self.step if not best else self._last_saved
+            return
+        state = {
+            "kind": self.task.kind,
+            "model_config": self.task.model_config,
+            "meta": self.task.meta,
+            "model": self.raw.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"world_size": self.info.world_size, "ranks": ranks},
+            "best": self.best,
+            "valid_loss": self.valid_loss,
+            "replicas": replicas,
+            "trainer": dict(vars(self.tc)),
+            "config": self.config,
+        }
+        name = "best.pt" if best else "last.pt"
+        save_checkpoint(self.ckpt_dir / name, state)
+        if not best:
+            self._last_saved = self.step
+        if self.writer is not None:
+            self.writer.flush()
+        log.debug("saved %s at step %d", self.ckpt_dir / name, self.step)
+
+
+def _first_difference(a: Any, b: Any, where: str = "model_config") -> str:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}.{key} is only in one of them"
+            if a[key] != b[key]:
+                return _first_difference(a[key], b[key], f"{where}.{key}")
+    return f"{where}: {a!r} != {b!r}"
