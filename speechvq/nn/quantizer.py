@@ -1,0 +1,308 @@
+"""Vector quantizer: a K x D codebook, nearest code by L2, straight-through gradient.
+
+Two update rules share one class (``ema``):
+
+- ``ema=False``: the VQ-VAE paper's loss. The codebook is a parameter trained by the codebook term
+  ``||sg[z_e] - e||^2`` (returned as ``vq_codebook``); the encoder by the commitment term
+  ``||z_e - sg[e]||^2`` (``vq_commit``; its weight beta lives in the model's ``loss_weights``).
+- ``ema=True``: the codebook is a buffer moved towards the mean of its assigned frames by
+  exponential moving averages of per-code sums and counts (Laplace-smoothed counts so no code
+  divides by zero); ``vq_codebook`` is then a constant 0.
+
+Both keep an EMA of per-code usage counts: codes whose count falls below ``dead_threshold`` are
+restarted from random current encoder frames. The codebook is initialised by k-means on the first
+training batch (the ``inited`` buffer records it, so a loaded checkpoint is never re-initialised).
+
+Everything runs in fp32 (autocast is switched off inside) because distances and EMA sums in half
+precision overflow or lose the small updates. Padded frames (``mask`` False) are left out of every
+statistic: k-means, EMA sums and counts, restart candidates, losses, perplexity and usage.
+
+Under ``torch.distributed`` (only when initialised, world size > 1): k-means runs on rank 0 over
+frames gathered from every rank and is broadcast; EMA sums and counts are all-reduced; dead codes
+are decided and refilled on rank 0 and broadcast, so replicas' codebooks stay identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_rank0() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _all_reduce_(*tensors: torch.Tensor) -> None:
+    if _distributed():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _broadcast_(*tensors: torch.Tensor) -> None:
+    if _distributed():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
+def _gather_frames(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' frames ``(N_r, D)`` concatenated (every rank gets the same tensor)."""
+    if not _distributed():
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = F.pad(x, (0, 0, 0, longest - x.shape[0]))
+    chunks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(chunks, padded.contiguous())
+    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes, strict=True)])
+
+
+# --------------------------------------------------------------------------- codebook maths
+
+
+def sq_distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distances ``||x||^2 - 2 x e^T + ||e||^2`` with one matmul.
+
+    x: (N, D), codebook: (K, D) -> (N, K). Memory is O(N K), never the O(N K D) of broadcasting.
+    """
+    x2 = x.pow(2).sum(1, keepdim=True)
+    e2 = codebook.pow(2).sum(1)
+    return torch.addmm(e2 + x2, x, codebook.t(), alpha=-2.0)
+
+
+def sample_frames(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` random rows of x (N, D); with replacement only when N < n."""
+    if x.shape[0] >= n:
+        return x[torch.randperm(x.shape[0], device=x.device)[:n]]
+    return x[torch.randint(0, x.shape[0], (n,), device=x.device)]
+
+
+def kmeans_plusplus(x: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """k-means++ seeding: each new centre is a frame drawn with probability proportional to its
+    squared distance to the nearest centre so far. x: (N, D) -> (K, D)."""
+    centres = x.new_empty(n_clusters, x.shape[1])
+    centres[0] = x[torch.randint(0, x.shape[0], (1,), device=x.device)]
+    d2 = (x - centres[0]).pow(2).sum(1)
+    for i in range(1, n_clusters):
+        # the tiny floor keeps the draw defined when there are fewer distinct frames than codes
+        pick = torch.multinomial(d2.clamp(min=0) + 1e-20, 1)
+        centres[i] = x[pick]
+        d2 = torch.minimum(d2, (x - centres[i]).pow(2).sum(1))
+    return centres
+
+
+def kmeans(x: torch.Tensor, n_clusters: int, n_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ seeding then Lloyd iterations. x: (N, D) -> (means (K, D), counts (K,) float).
+
+    A cluster left empty keeps its previous mean (a later dead-code restart refills it).
+    """
+    means = kmeans_plusplus(x, n_clusters)
+    counts = torch.zeros(n_clusters, device=x.device)
+    for _ in range(n_iters):
+        assign = sq_distances(x, means).argmin(1)
+        counts = torch.bincount(assign, minlength=n_clusters).to(x.dtype)
+        sums = torch.zeros_like(means).index_add_(0, assign, x)
+        filled = counts > 0
+        means = torch.where(filled[:, None], sums / counts.clamp(min=1)[:, None], means)
+    return means, counts
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code distribution given per-code counts (K,)."""
+    p = counts / counts.sum().clamp(min=1)
+    return torch.exp(-(p * p.clamp(min=1e-10).log()).sum())
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantizer with EMA or loss-trained codebook; see the module docstring.
+
+    Args:
+        n_codes: codebook size K.
+        dim: code dimension D (the encoder's output channels).
+        ema: update the codebook by EMA (True) or by the codebook loss (False).
+        decay: EMA decay of code sums and usage counts.
+        epsilon: Laplace smoothing of the EMA counts.
+        kmeans_init: initialise by k-means on the first training batch (else random uniform).
+        kmeans_iters: Lloyd iterations of that k-means.
+        dead_threshold: restart codes whose EMA usage count (frames per step, summed over ranks)
+            is below this; 0 disables restarts.
+    """
+
+    def __init__(
+        self,
+        n_codes: int,
+        dim: int,
+        ema: bool = True,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        dead_threshold: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.n_codes, self.dim, self.ema = n_codes, dim, ema
+        self.decay, self.epsilon = decay, epsilon
+        self.kmeans_iters, self.dead_threshold = kmeans_iters, dead_threshold
+        codebook = torch.empty(n_codes, dim).uniform_(-1.0 / n_codes, 1.0 / n_codes)
+        if ema:
+            self.register_buffer("codebook", codebook)
+            self.register_buffer("embed_sum", codebook.clone())
+        else:
+            self.codebook = nn.Parameter(codebook)
+        self.register_buffer("cluster_size", torch.ones(n_codes))
+        self.register_buffer("inited", torch.tensor(not kmeans_init))
+
+    # ---- lookup
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, D) -> nearest code index (N,) long."""
+        return sq_distances(x, self.codebook.detach()).argmin(1)
+
+    def dequantize(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices: (...) long -> codes (..., D) fp32."""
+        return F.embedding(indices, self.codebook)
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (B, D, T) -> indices (B, T) long. Indices at padded frames are computed anyway
+        (``mask`` is accepted for symmetry with ``forward`` and does not change the result)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            x = z.float().transpose(1, 2).reshape(-1, self.dim)
+            return self.quantize(x).view(z.shape[0], z.shape[2])
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices: (B, T) long -> z_q: (B, D, T) fp32."""
+        return self.dequantize(indices).transpose(1, 2)
+
+    # ---- codebook maintenance (training only; in place, hence the trailing underscore)
+
+    @torch.no_grad()
+    def init_codebook_(self, x: torch.Tensor) -> None:
+        """k-means over the valid frames x (N, D) of every rank, computed on rank 0, broadcast."""
+        frames = _gather_frames(x)
+        if frames.shape[0] == 0:  # every rank agrees: the gathered set is the same everywhere
+            return
+        if _is_rank0():
+            means, counts = kmeans(frames, self.n_codes, self.kmeans_iters)
+            self.codebook.copy_(means)
+            self.cluster_size.copy_(counts)
+        _broadcast_(self.codebook.data, self.cluster_size)
+        if self.ema:
+            self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
+        self.inited.fill_(True)
+
+    @torch.no_grad()
+    def update_codebook_(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """EMA of usage counts (and, under ``ema``, of code sums -> new codebook).
+
+        x: (N, D) valid frames, indices: (N,) their codes. Returns this step's counts (K,),
+        summed over ranks.
+        """
+        counts = torch.bincount(indices, minlength=self.n_codes).to(x.dtype)
+        sums = torch.zeros_like(self.codebook).index_add_(0, indices, x) if self.ema else None
+        _all_reduce_(counts, *([sums] if self.ema else []))
+        if counts.sum() == 0:  # no valid frame on any rank: nothing to learn from
+            return counts
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        if self.ema:
+            self.embed_sum.lerp_(sums, 1 - self.decay)
+            n = self.cluster_size.sum()
+            smoothed = (self.cluster_size + self.epsilon) / (n + self.n_codes * self.epsilon) * n
+            self.codebook.copy_(self.embed_sum / smoothed[:, None])
+        return counts
+
+    @torch.no_grad()
+    def expire_codes_(self, x: torch.Tensor) -> torch.Tensor:
+        """Restart codes whose EMA usage is below ``dead_threshold`` from random frames x (N, D).
+
+        Rank 0 decides and draws from its own frames; the result is broadcast. A restarted code
+        starts with usage ``dead_threshold``: it has the next step to attract frames (a code that
+        gets none is restarted again, from other frames).
+        Returns the number of dead codes found (a 0-d float tensor).
+        """
+        if self.dead_threshold <= 0:
+            return self._dead()
+        dead = (self.cluster_size < self.dead_threshold).to(torch.uint8)  # gloo has no bool
+        _broadcast_(dead)
+        dead = dead.bool()
+        n_dead = dead.sum()
+        if n_dead == 0:
+            return n_dead.float()
+        if _is_rank0() and x.shape[0] > 0:
+            self.codebook.data[dead] = sample_frames(x, int(n_dead))
+            self.cluster_size[dead] = self.dead_threshold
+            if self.ema:
+                self.embed_sum[dead] = self.codebook[dead] * self.dead_threshold
+        _broadcast_(self.codebook.data, self.cluster_size, *([self.embed_sum] if self.ema else []))
+        return n_dead.float()
+
+    # ---- forward
+
+    def forward(
+        self, z: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """z: (B, D, T), mask: (B, T) bool (True = valid) or None.
+
+        Returns z_q (B, D, T) fp32 with the straight-through gradient (d loss/d z = d loss/d z_q),
+        indices (B, T) long, and losses ``vq_codebook``, ``vq_commit`` (unweighted, masked means)
+        plus detached stats ``perplexity``, ``usage`` (fraction of codes used in the batch) and
+        ``dead_codes`` (codes below the restart threshold before this step's restart).
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            B, D, T = z.shape
+            x = z.float().transpose(1, 2).reshape(B * T, D)
+            valid = torch.ones(B * T, dtype=torch.bool, device=z.device)
+            if mask is not None:
+                valid = mask.reshape(B * T).to(torch.bool)
+            x_valid = x.detach()[valid]
+            if self.training and not bool(self.inited):
+                self.init_codebook_(x_valid)
+
+            indices = self.quantize(x)
+            q = self.dequantize(indices)
+            losses = self._losses(x, q, valid)
+
+            if self.training:
+                counts = self.update_codebook_(x_valid, indices[valid])
+                dead = self.expire_codes_(x_valid)
+            else:
+                counts = torch.bincount(indices[valid], minlength=self.n_codes).float()
+                dead = self._dead()
+            losses.update(
+                perplexity=perplexity(counts),
+                usage=(counts > 0).float().mean(),
+                dead_codes=dead,
+            )
+            # straight-through: forward value exactly the code (``x + (q - x).detach()`` would
+            # round), backward the identity to x
+            z_q = q.detach() + (x - x.detach())
+            z_q = z_q.view(B, T, D).transpose(1, 2)
+        return z_q, indices.view(B, T), losses
+
+    def _dead(self) -> torch.Tensor:
+        return (self.cluster_size < self.dead_threshold).sum().float()
+
+    def _losses(
+        self, x: torch.Tensor, q: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Masked mean squared errors over valid frames and dimensions."""
+        w = valid.to(x.dtype)
+        denom = w.sum().clamp(min=1) * self.dim
+        commit = ((x - q.detach()).pow(2).sum(1) * w).sum() / denom
+        if self.ema:
+            codebook = x.new_zeros(())
+        else:
+            codebook = ((x.detach() - q).pow(2).sum(1) * w).sum() / denom
+        return {"vq_codebook": codebook, "vq_commit": commit}

@@ -1,0 +1,216 @@
+"""The VQ-VAE: encoder -> vector quantizer -> speaker-conditioned decoder.
+
+``VQVAE.forward(batch)`` takes a collated batch (see ``speechvq.data.dataset.collate``) and returns a
+dict of named, unweighted losses, ``"loss"`` (their sum weighted by ``loss_weights``) and detached
+codebook stats. The loss names are the keys ``loss_weights`` may use:
+
+- mel model: ``recon`` (masked MSE on normalised log-mels), ``vq_codebook``, ``vq_commit``;
+- wave model: ``stft`` (multi-resolution STFT loss), ``l1`` (waveform L1), ``vq_codebook``,
+  ``vq_commit``.
+
+A name missing from ``loss_weights`` is reported with weight 0; an unknown name is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from speechvq.checkpoint import CheckpointError, load_checkpoint
+from speechvq.nn.decoder import MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
+from speechvq.nn.encoder import MelEncoder, WaveEncoder
+from speechvq.nn.quantizer import VectorQuantizer
+
+LOSS_NAMES = {
+    "mel": ("recon", "vq_codebook", "vq_commit"),
+    "wave": ("stft", "l1", "vq_codebook", "vq_commit"),
+}
+STAT_NAMES = ("perplexity", "usage", "dead_codes")
+
+
+def _masked_mean(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of err (B, C, T) over valid time steps mask (B, T) and all channels."""
+    w = mask.unsqueeze(1).to(err.dtype)
+    return (err * w).sum() / (w.sum() * err.shape[1]).clamp(min=1)
+
+
+class VQVAE(nn.Module):
+    """Encoder + quantizer + decoder over log-mels (``kind="mel"``) or waveforms (``"wave"``).
+
+    Args:
+        kind: ``"mel"`` or ``"wave"``.
+        encoder: kwargs of :class:`MelEncoder` / :class:`WaveEncoder`.
+        decoder: kwargs of :class:`MelDecoder` / :class:`WaveDecoder` minus ``n_speakers``.
+        quantizer: kwargs of :class:`VectorQuantizer`.
+        n_speakers: size of the decoder's speaker table.
+        loss_weights: weight per loss name (see the module docstring).
+        sample_rate: audio sample rate (Hz), for ``frame_rate``.
+        hop_length: mel hop in samples (mel model only; the wave model's hop is its strides').
+        stft_resolutions: ``[[n_fft, hop, win], ...]`` of the wave model's STFT loss.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        encoder: Mapping[str, Any],
+        decoder: Mapping[str, Any],
+        quantizer: Mapping[str, Any],
+        n_speakers: int,
+        loss_weights: Mapping[str, float],
+        sample_rate: int = 16000,
+        hop_length: int | None = None,
+        stft_resolutions: list[list[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in LOSS_NAMES:
+            raise ValueError(f"model kind must be 'mel' or 'wave', got {kind!r}")
+        unknown = sorted(set(loss_weights) - set(LOSS_NAMES[kind]))
+        if unknown:
+            raise ValueError(
+                f"unknown loss_weights key(s) {unknown} for the {kind} model; "
+                f"known: {list(LOSS_NAMES[kind])}"
+            )
+        self.kind = kind
+        self.loss_weights = {k: float(v) for k, v in loss_weights.items()}
+        self.n_speakers = n_speakers
+        if kind == "mel":
+            if hop_length is None:
+                raise ValueError("the mel model needs hop_length (the feature hop in samples)")
+            self.encoder = MelEncoder(**encoder)
+            self.decoder = MelDecoder(**decoder, n_speakers=n_speakers)
+            self.samples_per_unit = hop_length * self.encoder.hop_length
+        else:
+            self.encoder = WaveEncoder(**encoder)
+            self.decoder = WaveDecoder(**decoder, n_speakers=n_speakers)
+            self.samples_per_unit = self.encoder.hop_length
+            self.stft_loss = MultiResolutionSTFTLoss(stft_resolutions or [[512, 128, 512]])
+        self.quantizer = VectorQuantizer(**quantizer)
+        self.sample_rate = sample_rate
+        self.frame_rate: float = sample_rate / self.samples_per_unit
+        self.n_codes: int = self.quantizer.n_codes
+
+    def _input(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        key = "feats" if self.kind == "mel" else "wav"
+        if key not in batch:
+            raise KeyError(f"the {self.kind} model needs batch[{key!r}]")
+        return batch[key]
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """batch: ``wav`` (B, T), ``feats`` (B, n_mels, F) [mel], ``speaker`` (B,) long,
+        ``mask`` (B, U) bool valid units [optional]. Returns ``{"loss", <losses>, <stats>}``."""
+        x = self._input(batch)
+        z = self.encoder(x)
+        B, _, U = z.shape
+        mask = batch.get("mask")
+        if mask is None:
+            mask = torch.ones(B, U, dtype=torch.bool, device=z.device)
+        elif mask.shape[-1] < U:
+            raise ValueError(f"batch mask has {mask.shape[-1]} units, the encoder made {U}")
+        mask = mask[:, :U].to(z.device)
+        z_q, _, vq = self.quantizer(z, mask)
+        y_hat = self.decoder(z_q, batch["speaker"], mask)
+        out = {**self._recon_losses(x, y_hat, mask), "vq_codebook": vq["vq_codebook"]}
+        out["vq_commit"] = vq["vq_commit"]
+        out["loss"] = sum(self.loss_weights.get(k, 0.0) * out[k] for k in LOSS_NAMES[self.kind])
+        out.update({k: vq[k].detach() for k in STAT_NAMES})
+        return out
+
+    def _recon_losses(
+        self, x: torch.Tensor, y_hat: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruction losses over valid frames (units' mask repeated to the output rate)."""
+        n = y_hat.shape[-1]
+        step = n // mask.shape[-1]
+        valid = mask.repeat_interleave(step, dim=1)
+        y_hat = y_hat.float()
+        if self.kind == "mel":
+            return {"recon": _masked_mean((y_hat - x[..., :n].float()).pow(2), valid)}
+        wav = x[:, :n].float()
+        return {
+            "stft": self.stft_loss(y_hat, wav, valid),
+            "l1": _masked_mean((y_hat - wav).abs().unsqueeze(1), valid),
+        }
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: feats (B, n_mels, F) [mel] or wav (B, T) [wave] -> unit ids (B, U) long,
+        U = F // 2 or T // 320. Deterministic: no codebook update, whatever the mode."""
+        return self.quantizer.encode(self.encoder(x), mask)
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        """indices: (B, U) long, speaker: (B,) long -> normalised log-mels (B, n_mels, 2U) [mel]
+        or waveform (B, 320 U) [wave]. No jitter."""
+        return self.decoder(self.quantizer.decode(indices), speaker, jitter=False)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, x: torch.Tensor, speaker: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """decode(encode(x), speaker): resynthesis, or voice conversion with another speaker."""
+        return self.decode(self.encode(x, mask), speaker)
+
+
+def build_vqvae(
+    model_cfg: Mapping[str, Any], quantizer_cfg: Mapping[str, Any], n_speakers: int
+) -> VQVAE:
+    """Build from the (resolved) ``model`` and ``quantizer`` config groups.
+
+    The quantizer's ``dim`` must equal the encoder's ``out_channels`` (the configs interpolate it).
+    """
+    model_cfg, quantizer_cfg = _plain(model_cfg), _plain(quantizer_cfg)
+    latent = model_cfg.get("encoder", {}).get("out_channels")
+    if latent is not None and quantizer_cfg.get("dim") != latent:
+        raise ValueError(
+            f"quantizer.dim ({quantizer_cfg.get('dim')}) must equal "
+            f"model.encoder.out_channels ({latent})"
+        )
+    return VQVAE(**model_cfg, quantizer=quantizer_cfg, n_speakers=n_speakers)
+
+
+def _plain(cfg: Any) -> Any:
+    """A plain-container copy of a (possibly OmegaConf) config; reading a node resolves its
+    interpolations, so no omegaconf import is needed here."""
+    if isinstance(cfg, Mapping):
+        return {str(k): _plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, Sequence) and not isinstance(cfg, str):
+        return [_plain(v) for v in cfg]
+    return cfg
+
+
+def load_vqvae(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[VQVAE, dict[str, Any]]:
+    """Rebuild a trained VQ-VAE from a checkpoint alone; returns (model in eval mode, meta).
+
+    ``meta`` is the checkpoint's ``"meta"`` dict (speakers, stats, features config, frame_rate,
+    n_codes, ...).
+    """
+    ckpt = load_checkpoint(
+        path,
+        kind="vqvae",
+        required=("model_config.model", "model_config.quantizer", "model_config.n_speakers"),
+        map_location=map_location,
+    )
+    cfg = ckpt["model_config"]
+    model = build_vqvae(cfg["model"], cfg["quantizer"], int(cfg["n_speakers"]))
+    state = {_strip_wrappers(k): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(path, f"weights do not match its model_config: {err}") from err
+    return model.to(map_location).eval(), dict(ckpt["meta"] or {})
+
+
+def _strip_wrappers(key: str) -> str:
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes from a state-dict key."""
+    for prefix in ("module.", "_orig_mod."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+__all__ = ["VQVAE", "build_vqvae", "load_vqvae", "LOSS_NAMES", "STAT_NAMES"]
