@@ -199,15 +199,13 @@ def run(cfg: DictConfig) -> int:
     out_dir = Path(cfg.out_dir)
     name = cfg.data.get("name")
     if name == "librispeech":
+        from speechvq.data import librispeech
+
         try:
-            librispeech = importlib.import_module("speechvq.data.librispeech")
-        except ModuleNotFoundError as err:
-            if err.name != "speechvq.data.librispeech":
-                raise
-            raise StageError(
-                "data=librispeech needs speechvq.data.librispeech, which is missing"
-            ) from None
-        librispeech.prepare(cfg.data, out_dir, cfg.features)
+            features = cfg.features if cfg.stats else None
+            librispeech.prepare(cfg.data, out_dir, features, progress=bool(cfg.progress))
+        except ValueError as err:  # bad subset, failed checksum, unsafe archive: one clear line
+            raise StageError(str(err)) from None
     elif name == "folder":
         prepare_folder(cfg, out_dir)
     elif name == "mini":

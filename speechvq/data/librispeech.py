@@ -1,0 +1,748 @@
+"""LibriSpeech (OpenSLR 12) and mini LibriSpeech (OpenSLR 31): download, verify, extract, manifests.
+
+``speechvq-prepare data=librispeech data.subsets=[dev-clean] out_dir=OUT`` calls :func:`prepare`:
+
+1. for each subset, unless ``data.root`` points at an existing copy: download
+   ``<base_url>/<resource>/<subset>.tar.gz`` into ``data.download_dir`` (resumable: HTTP Range onto a
+   ``.part`` file; mirrors tried in turn), check its md5 against the publisher's value (the built-in
+   table, or ``data.checksums``, an md5sum-format file), and extract it safely into
+   ``<download_dir>/LibriSpeech/<subset>/`` (a ``.complete`` marker makes this a no-op next time);
+2. one manifest per subset, ``OUT/<subset>.tsv`` (speaker = reader id, the first field of the
+   utterance id; ``text`` = the transcript), and the unions ``OUT/manifest.tsv`` (every subset),
+   ``OUT/train.tsv``, ``OUT/valid.tsv``, ``OUT/test.tsv`` (``data.splits``; by default the
+   ``train-*``, ``dev-*`` and ``test-*`` subsets) so later stages read the same names for any corpus;
+   files that cannot be read go to ``OUT/rejected.tsv`` (``path<TAB>reason``);
+3. ``OUT/stats.json``: log-mel statistics, global over the train split and per speaker over every
+   subset (normalising an unseen speaker by its own statistics needs no labels);
+4. with ``data.alignments`` (a folder or ``.zip`` of MFA TextGrids, or ``.phn`` files), one
+   ``OUT/alignments/<utt>.phn`` per utterance of the manifests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import soundfile as sf
+from tqdm import tqdm
+
+from speechvq.data.folder import librispeech_candidates, write_rejected
+from speechvq.data.manifest import ManifestRow, speakers_of, write_manifest, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A downloadable part of the corpus: OpenSLR ``resource`` number, publisher's md5, size."""
+
+    name: str
+    resource: int
+    md5: str
+    num_bytes: int | None = None
+    num_utterances: int | None = None
+
+    @property
+    def archive(self) -> str:
+        return f"{self.name}.tar.gz"
+
+
+# The publishers' md5sum.txt values (OpenSLR resources 12 and 31).
+SUBSETS: dict[str, Subset] = {
+    s.name: s
+    for s in (
+        Subset("dev-clean", 12, "42e2234ba48799c1f50f24a7926300a1", 337926286, 2703),
+        Subset("dev-other", 12, "c8d0bcc9cca99d4f8b62fcc847357931", 314305928, 2864),
+        Subset("test-clean", 12, "32fa31d27d2e1cad72775fee3f4849a9", 346663984, 2620),
+        Subset("test-other", 12, "fb5a50374b501bb3bac4815ee91d3135", 328757843, 2939),
+        Subset("train-clean-100", 12, "2a93770f6d5c6c964bc36631d331a522", 6387309499, 28539),
+        Subset("train-clean-360", 12, "c0e676e450a7ff2f54aeade5171606fa", 23049477885, 104014),
+        Subset("train-other-500", 12, "d1a0fd59409feb2c614ce4d30c387708", 30593501606, 148688),
+        Subset("train-clean-5", 31, "5df7d4e78065366204ca6845bb08f490"),
+        Subset("dev-clean-2", 31, "6d7ab67ac6a1d2c993d050e16d61080d"),
+    )
+}
+COMPLETE_MARKER = ".complete"
+_FILTER_ERROR = getattr(tarfile, "FilterError", ())  # Python >= 3.11.4
+
+
+class LibriSpeechError(ValueError):
+    """A problem with the corpus a user can act on; the message names the file or URL."""
+
+
+class DownloadError(LibriSpeechError):
+    """A download that could not be completed (names the URL and the file)."""
+
+
+class ChecksumError(LibriSpeechError):
+    """An archive whose md5 is not the published one (names the file, expected and actual md5)."""
+
+
+class UnsafeArchiveError(LibriSpeechError):
+    """An archive member that would land outside the target folder (names archive and member)."""
+
+
+# --- subsets and checksums -------------------------------------------------------------------
+
+
+def get_subset(name: str) -> Subset:
+    """The :class:`Subset` called ``name``; ValueError listing the known names otherwise."""
+    try:
+        return SUBSETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown LibriSpeech subset {name!r}; choose from {', '.join(SUBSETS)}"
+        ) from None
+
+
+def subset_url(subset: Subset, base_url: str) -> str:
+    """``<base_url>/<resource>/<subset>.tar.gz``; ``base_url`` is the root of OpenSLR's resources."""
+    return f"{base_url.rstrip('/')}/{subset.resource}/{subset.archive}"
+
+
+def read_checksums(path: str | os.PathLike) -> dict[str, str]:
+    """Read an md5sum-format file (``<md5>  <name>.tar.gz``, as OpenSLR publishes) -> {file name: md5}.
+
+    Lines may use one or two spaces, a ``*`` binary marker and a path (only its last part counts).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: checksums file not found") from None
+    table: dict[str, str] = {}
+    for lineno, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{32})\s+\*?(\S.*)", line)
+        if not m:
+            raise ValueError(f"{path}:{lineno}: expected '<md5>  <file name>', got {line!r}")
+        table[PurePosixPath(m.group(2).strip()).name] = m.group(1).lower()
+    return table
+
+
+def expected_md5(subset: Subset, checksums: Mapping[str, str] | None, source: str) -> str:
+    """The md5 to check ``subset``'s archive against: from ``checksums`` when given, else built in."""
+    if checksums is None:
+        return subset.md5
+    try:
+        return checksums[subset.archive]
+    except KeyError:
+        raise ValueError(f"{source}: no md5 for {subset.archive}") from None
+
+
+def md5sum(path: str | os.PathLike, progress: bool = True) -> str:
+    """Hex md5 of a file, read in 1 MiB blocks."""
+    path = Path(path)
+    digest = hashlib.md5()
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"md5 {path.name}",
+            disable=not progress,
+        ) as bar,
+    ):
+        while block := f.read(1 << 20):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+# --- download -------------------------------------------------------------------------------
+
+# Errors after which resuming may succeed (a dropped connection, a timeout, a truncated body).
+_TRANSIENT = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def _part_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    retries: int = 5,
+    timeout: float = 60.0,
+    retry_wait: float = 2.0,
+    progress: bool = True,
+) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming what an earlier try left there.
+
+    A partial file is continued with an HTTP ``Range`` request; a server that ignores it (200
+    instead of 206) or refuses it (416) gets a clean restart. A dropped connection is resumed up to
+    ``retries`` times (waiting ``retry_wait`` * attempt seconds). ``dest`` appears only once the
+    whole body arrived. Raises :class:`DownloadError` naming the URL and the file.
+    """
+    dest = Path(dest)
+    part = _part_path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    attempt = 0
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            _fetch(url, part, offset, timeout, progress)
+            os.replace(part, dest)
+            return dest
+        except urllib.error.HTTPError as err:
+            if err.code == 416 and offset:  # our .part is not a prefix of this file: start over
+                log.warning("%s refused to resume %s at byte %d; restarting", url, part, offset)
+                part.unlink()
+                error: Exception = err
+            elif err.code in (408, 429) or err.code >= 500:
+                error = err
+            else:
+                raise DownloadError(
+                    f"{url}: HTTP {err.code} {err.reason} (downloading {dest})"
+                ) from None
+        except _TRANSIENT as err:
+            error = err
+        attempt += 1
+        have = part.stat().st_size if part.exists() else 0
+        if attempt > retries:
+            raise DownloadError(
+                f"{url}: download to {part} failed after {retries} retries ({error}); "
+                f"{have} bytes kept there, re-run to resume"
+            )
+        log.warning(
+            "%s: interrupted (%s) with %d bytes in %s; resuming (retry %d/%d)",
+            url, error, have, part, attempt, retries,
+        )  # fmt: skip
+        time.sleep(retry_wait * attempt)
+
+
+def _fetch(url: str, part: Path, offset: int, timeout: float, progress: bool) -> None:
+    """One request: append to ``part`` from ``offset`` (206) or rewrite it from the start (200)."""
+    headers = {"User-Agent": "speechvq"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if offset and response.status == 206:
+            content_range = response.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {offset}-"):
+                part.unlink()
+                raise http.client.HTTPException(
+                    f"asked for bytes {offset}- and got {content_range!r}; restarting"
+                )
+            mode = "ab"
+        else:
+            if offset:
+                log.warning("%s ignores Range requests; downloading %s from the start", url, part)
+            offset, mode = 0, "wb"
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        with (
+            open(part, mode) as f,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+            ) as bar,
+        ):
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+        if total is not None and part.stat().st_size < total:
+            raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+
+
+def fetch_archive(
+    subset: Subset,
+    download_dir: str | os.PathLike,
+    urls: Sequence[str],
+    md5: str,
+    md5_source: str = "the built-in table",
+    **download_kwargs,
+) -> Path:
+    """Download ``subset``'s archive (trying ``urls`` in turn) and check its md5; return its path.
+
+    An archive already in ``download_dir`` is checked, not downloaded again. A wrong md5 moves the
+    file aside to ``<archive>.corrupt`` (so a re-run downloads afresh) and raises
+    :class:`ChecksumError`.
+    """
+    dest = Path(download_dir) / subset.archive
+    progress = download_kwargs.get("progress", True)
+    if not dest.exists():
+        errors = []
+        for url in urls:
+            try:
+                download(url, dest, **download_kwargs)
+                break
+            except DownloadError as err:
+                log.warning("%s", err)
+                errors.append(str(err))
+        else:
+            raise DownloadError(
+                f"could not download {subset.archive} from any of {len(urls)} URL(s): "
+                + "; ".join(errors)
+            )
+    actual = md5sum(dest, progress=progress)
+    if actual != md5.lower():
+        bad = dest.with_name(dest.name + ".corrupt")
+        os.replace(dest, bad)
+        raise ChecksumError(
+            f"{dest}: md5 {actual} does not match the expected {md5} (from {md5_source}); "
+            f"not extracted, moved to {bad} so the next run downloads it again"
+        )
+    log.info("%s: md5 %s ok", dest, actual)
+    return dest
+
+
+# --- safe extraction --------------------------------------------------------------------------
+
+
+def _check_member(member: tarfile.TarInfo, dest: Path) -> str | None:
+    """Why ``member`` must not be extracted into ``dest`` (resolved), or None if it is safe."""
+    name = PurePosixPath(member.name)
+    if (
+        name.is_absolute()
+        or member.name.startswith(("/", "\\"))
+        or re.match(r"^[A-Za-z]:", member.name)
+    ):
+        return "absolute path"
+    if ".." in name.parts:
+        return "'..' in its path"
+    target = (dest / name).resolve()
+    if not target.is_relative_to(dest):
+        return "it resolves outside the target folder"
+    if member.isdev() or member.isfifo():
+        return "device or FIFO"
+    if member.issym() or member.islnk():
+        link = PurePosixPath(member.linkname)
+        if link.is_absolute() or member.linkname.startswith(("/", "\\")):
+            return f"link to an absolute path {member.linkname!r}"
+        base = target.parent if member.issym() else dest  # hard links name a member of the archive
+        if not (base / link).resolve().is_relative_to(dest):
+            return f"link {member.linkname!r} points outside the target folder"
+    return None
+
+
+def _safe_members(tar: tarfile.TarFile, archive: Path, dest: Path) -> Iterator[tarfile.TarInfo]:
+    for member in tar:
+        reason = _check_member(member, dest)
+        if reason:
+            raise UnsafeArchiveError(
+                f"{archive}: refusing to extract member {member.name!r}: {reason}"
+            )
+        yield member
+
+
+def safe_extract(
+    archive: str | os.PathLike, dest: str | os.PathLike, progress: bool = True
+) -> None:
+    """Extract a tar archive into ``dest``, refusing absolute paths, ``..`` and escaping links.
+
+    The check is our own; Python's ``filter='data'`` (3.11.4+) is applied on top when available.
+    Raises :class:`UnsafeArchiveError` at the first bad member (``dest`` then holds a partial
+    extraction: callers extract into a scratch folder) and ValueError for an unreadable archive.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = _safe_members(tar, archive, root)
+            members = tqdm(
+                members, desc=f"extract {archive.name}", unit=" files", disable=not progress
+            )
+            tar.extractall(root, members=members, **kwargs)
+    except _FILTER_ERROR as err:  # Python's own filter found something our check let through
+        raise UnsafeArchiveError(f"{archive}: refusing to extract: {err}") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ValueError(f"{archive}: not a readable tar archive ({err})") from None
+
+
+def extract_subset(
+    archive: str | os.PathLike, subset: Subset, corpus_dir: str | os.PathLike, progress: bool = True
+) -> Path:
+    """Extract ``subset``'s archive into ``corpus_dir/LibriSpeech/<subset>`` and mark it complete.
+
+    Extraction goes to a scratch folder first, so a refused or broken archive leaves nothing behind.
+    Returns the subset folder.
+    """
+    archive, corpus_dir = Path(archive), Path(corpus_dir)
+    scratch = corpus_dir / f".extract-{subset.name}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        safe_extract(archive, scratch, progress=progress)
+        extracted = scratch / "LibriSpeech" / subset.name
+        if not extracted.is_dir():
+            raise ValueError(f"{archive}: holds no LibriSpeech/{subset.name}/ folder")
+        librispeech = corpus_dir / "LibriSpeech"
+        librispeech.mkdir(parents=True, exist_ok=True)
+        for doc in (scratch / "LibriSpeech").iterdir():  # BOOKS.TXT, SPEAKERS.TXT, ... (shared)
+            if doc.is_file():
+                os.replace(doc, librispeech / doc.name)
+        target = librispeech / subset.name
+        if target.exists():  # an earlier extraction that did not finish
+            shutil.rmtree(target)
+        os.replace(extracted, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _marker(subset_dir: Path) -> Path:
+    return subset_dir / COMPLETE_MARKER
+
+
+def read_marker(subset_dir: Path) -> dict | None:
+    """The completion record of an extracted subset, or None when it is missing or unreadable."""
+    try:
+        return json.loads(_marker(subset_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def obtain_subset(
+    subset: Subset,
+    download_dir: str | os.PathLike,
+    urls: Sequence[str],
+    md5: str,
+    md5_source: str = "the built-in table",
+    keep_archive: bool = True,
+    **download_kwargs,
+) -> Path:
+    """Download, verify and extract ``subset`` unless its completion marker says it is done.
+
+    The marker (``LibriSpeech/<subset>/.complete``) records the archive's md5: a different expected
+    md5 (another checksums file) fetches it again. Returns ``download_dir/LibriSpeech/<subset>``.
+    """
+    download_dir = Path(download_dir)
+    subset_dir = download_dir / "LibriSpeech" / subset.name
+    done = read_marker(subset_dir)
+    if done and done.get("md5") == md5.lower():
+        log.info("%s: already downloaded and extracted (%s)", subset.name, _marker(subset_dir))
+        return subset_dir
+    if done:
+        log.warning("%s: extracted from an archive with md5 %s, expected %s: fetching again",
+                    subset_dir, done.get("md5"), md5)  # fmt: skip
+        stale = download_dir / subset.archive
+        if stale.exists():
+            stale.unlink()
+    _check_space(subset, download_dir)
+    archive = fetch_archive(subset, download_dir, urls, md5, md5_source, **download_kwargs)
+    extract_subset(archive, subset, download_dir, progress=download_kwargs.get("progress", True))
+    record = {"subset": subset.name, "archive": archive.name, "md5": md5.lower()}
+    write_text_atomic(_marker(subset_dir), json.dumps(record) + "\n")
+    if not keep_archive:
+        archive.unlink()
+    log.info("%s: ready in %s", subset.name, subset_dir)
+    return subset_dir
+
+
+def _check_space(subset: Subset, download_dir: Path) -> None:
+    """Warn before a download that the disk cannot hold (archive + its extraction, about 2x)."""
+    if not subset.num_bytes:
+        return
+    have = sum(p.stat().st_size for p in download_dir.glob(f"{subset.archive}*") if p.is_file())
+    needed = 2 * subset.num_bytes - have
+    download_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(download_dir).free
+    if free < needed:
+        log.warning("%s: %.1f GB free, but %s needs about %.1f GB more (archive + extracted files)",
+                    download_dir, free / 1e9, subset.name, needed / 1e9)  # fmt: skip
+
+
+def find_subset_dir(root: str | os.PathLike, subset: str) -> Path:
+    """``<root>/LibriSpeech/<subset>`` or ``<root>/<subset>`` (``root`` is LibriSpeech/ itself)."""
+    root = Path(root)
+    for candidate in (root / "LibriSpeech" / subset, root / subset):
+        if candidate.is_dir():
+            return candidate
+    raise ValueError(
+        f"{root}: no LibriSpeech/{subset}/ or {subset}/ folder (data.root must be the folder holding "
+        "LibriSpeech/ or LibriSpeech/ itself)"
+    )
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+def scan_subset(
+    subset_dir: str | os.PathLike, min_seconds: float = 0.0, progress: bool = True
+) -> tuple[list[ManifestRow], list[tuple[str, str]]]:
+    """Manifest rows for ``<subset>/<speaker>/<chapter>/*.flac`` and ``(path, reason)`` rejections.
+
+    Speaker is the reader id (the ``<speaker>`` folder, the first field of the utterance id); text
+    comes from the chapter's ``trans.txt``. Only headers are read (soundfile.info): the archives'
+    md5 vouches for the audio, and a full decode of the 960 h set would take hours.
+    """
+    subset_dir = Path(subset_dir)
+    items, rejected = librispeech_candidates(subset_dir)
+    rows: list[ManifestRow] = []
+    for item in tqdm(items, desc=f"scan {subset_dir.name}", unit=" files", disable=not progress):
+        try:
+            info = sf.info(item.path)
+        except (RuntimeError, sf.LibsndfileError) as err:
+            rejected.append((item.path, f"unreadable: {err}"))
+            continue
+        # counts are at the corpus rate (LibriSpeech is 16 kHz; loaders resample anything else)
+        num_samples = round(info.frames * SAMPLE_RATE / info.samplerate)
+        if num_samples <= 0 or num_samples < min_seconds * SAMPLE_RATE:
+            rejected.append((item.path, f"shorter than {min_seconds} s ({info.frames} samples)"))
+            continue
+        rows.append(ManifestRow(item.id, item.path, num_samples, item.speaker, item.text))
+    if not rows:
+        raise LibriSpeechError(f"{subset_dir}: no readable <speaker>/<chapter>/*.flac files")
+    rows.sort(key=lambda r: r.id)
+    return rows, rejected
+
+
+def choose_splits(subsets: Sequence[str], chosen: Mapping | None = None) -> dict[str, list[str]]:
+    """Subsets per split: ``chosen[split]`` where given, else by name (train-*, dev-*, test-*).
+
+    With no train-* subset the train split is every subset (a quick look at dev-clean alone).
+    """
+    splits = {
+        "train": [s for s in subsets if s.startswith("train")] or list(subsets),
+        "valid": [s for s in subsets if s.startswith("dev")],
+        "test": [s for s in subsets if s.startswith("test")],
+    }
+    for split, names in dict(chosen or {}).items():
+        if split not in splits:
+            raise ValueError(f"data.splits.{split}: unknown split (train, valid or test)")
+        if names is None:
+            continue
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = sorted(set(names) - set(subsets))
+        if unknown:
+            raise ValueError(f"data.splits.{split} names {unknown}, which are not in data.subsets")
+        splits[split] = names
+    return splits
+
+
+def _per_speaker(rows: Sequence[ManifestRow], limit: int | None) -> list[ManifestRow]:
+    """At most ``limit`` utterances per speaker (evenly spread over their utterances)."""
+    if not limit:
+        return list(rows)
+    by_speaker: dict[str, list[ManifestRow]] = {}
+    for r in rows:
+        by_speaker.setdefault(r.speaker, []).append(r)
+    picked = []
+    for utts in by_speaker.values():
+        step = max(1, len(utts) // limit)
+        picked.extend(utts[::step][:limit])
+    return picked
+
+
+def write_stats(
+    path: Path,
+    train_rows: Sequence[ManifestRow],
+    other_rows: Sequence[ManifestRow],
+    features_cfg: Mapping,
+    per_speaker: int | None,
+    progress: bool = True,
+) -> None:
+    """stats.json: global moments from ``train_rows``, per-speaker ones from every row."""
+    from speechvq.features import FeatureStats, compute_stats
+
+    train_ids = {r.id for r in train_rows}
+    stats = compute_stats(_per_speaker(train_rows, per_speaker), features_cfg, progress=progress)
+    others = [r for r in other_rows if r.id not in train_ids and r.speaker not in stats.speakers]
+    if others:
+        extra = compute_stats(_per_speaker(others, per_speaker), features_cfg, progress=progress)
+        stats = FeatureStats(stats.features, stats.global_, {**extra.speakers, **stats.speakers})
+    stats.save(path)
+
+
+# --- alignments -------------------------------------------------------------------------------
+
+
+def _alignment_files(src: Path, scratch: Path) -> dict[str, Path]:
+    """{utterance id: .TextGrid/.phn file} under a folder or inside a zip (unpacked to ``scratch``)."""
+    suffixes = (".textgrid", ".phn")
+    if src.is_file() and zipfile.is_zipfile(src):
+        found = {}
+        with zipfile.ZipFile(src) as zf:
+            for info in zf.infolist():
+                name = PurePosixPath(info.filename)
+                if info.is_dir() or name.suffix.lower() not in suffixes:
+                    continue
+                out = scratch / name.name  # flattened: no path from the zip reaches the disk
+                out.write_bytes(zf.read(info))
+                found[name.stem] = out
+        return found
+    if not src.is_dir():
+        raise ValueError(f"{src}: alignments must be a folder or a .zip of TextGrid/.phn files")
+    return {p.stem: p for p in sorted(src.rglob("*")) if p.suffix.lower() in suffixes}
+
+
+def import_alignments(
+    src: str | os.PathLike, utt_ids: Sequence[str], out_dir: str | os.PathLike
+) -> int:
+    """Write ``out_dir/<id>.phn`` (``start end phone`` lines, seconds) for each id found in ``src``.
+
+    TextGrids are read with :func:`speechvq.data.alignments.read_textgrid` (phones tier; stress
+    digits stripped; empty intervals become ``sil`` so later frames do not shift). Returns the count.
+    """
+    from speechvq.data.alignments import read_phn, read_textgrid
+
+    src, out_dir = Path(src), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = set(utt_ids)
+    written = 0
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        files = _alignment_files(src, Path(scratch))
+        for utt_id in sorted(wanted & files.keys()):
+            f = files[utt_id]
+            try:
+                intervals = read_phn(f) if f.suffix.lower() == ".phn" else read_textgrid(f)
+            except (ValueError, OSError) as err:
+                log.warning("skipping alignment %s: %s", f, err)
+                continue
+            lines = [f"{i.start:.4f} {i.end:.4f} {i.label}" for i in intervals]
+            write_text_atomic(out_dir / f"{utt_id}.phn", "\n".join(lines) + "\n")
+            written += 1
+    if not written:
+        raise ValueError(f"{src}: no alignment matches any of the {len(wanted)} utterances")
+    log.info("alignments: %d of %d utterances from %s -> %s", written, len(wanted), src, out_dir)
+    return written
+
+
+# --- the prepare stage ------------------------------------------------------------------------
+
+
+def _get(cfg: Mapping, key: str, default=None):
+    value = cfg.get(key, default) if hasattr(cfg, "get") else default
+    return default if value is None else value
+
+
+def download_subsets(data_cfg: Mapping, progress: bool = True) -> dict[str, Path]:
+    """Make every subset of ``data_cfg.subsets`` available; {subset: its folder}.
+
+    ``data.root`` (an existing copy) is used as is; otherwise each subset is fetched into
+    ``data.download_dir`` from ``data.base_url`` then ``data.mirrors``.
+    """
+    names = _get(data_cfg, "subsets", [])
+    names = names.replace(",", " ").split() if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("data.subsets is empty: name at least one LibriSpeech subset")
+    subsets = [get_subset(n) for n in names]
+    root = _get(data_cfg, "root")
+    if root:
+        return {s.name: find_subset_dir(root, s.name) for s in subsets}
+    download_dir = _get(data_cfg, "download_dir")
+    if not download_dir:
+        raise ValueError(
+            "set data.download_dir (where to download) or data.root (an existing copy)"
+        )
+    checksums_file = _get(data_cfg, "checksums")
+    checksums = read_checksums(checksums_file) if checksums_file else None
+    source = str(checksums_file) if checksums_file else "the built-in table"
+    bases = [_get(data_cfg, "base_url"), *list(_get(data_cfg, "mirrors", []))]
+    bases = [b for b in bases if b]
+    if not bases:
+        raise ValueError("data.base_url is empty and there are no data.mirrors")
+    kwargs = {
+        "retries": int(_get(data_cfg, "retries", 5)),
+        "timeout": float(_get(data_cfg, "timeout", 60.0)),
+        "retry_wait": float(_get(data_cfg, "retry_wait", 2.0)),
+        "progress": progress,
+    }
+    dirs = {}
+    for s in subsets:
+        md5 = expected_md5(s, checksums, source)
+        urls = [subset_url(s, b) for b in bases]
+        keep = bool(_get(data_cfg, "keep_archives", True))
+        dirs[s.name] = obtain_subset(s, download_dir, urls, md5, source, keep, **kwargs)
+    return dirs
+
+
+def prepare(
+    data_cfg: Mapping,
+    out_dir: str | os.PathLike,
+    features_cfg: Mapping | None = None,
+    progress: bool = True,
+) -> dict:
+    """The whole ``data=librispeech`` prepare stage (see the module docstring); returns a summary.
+
+    ``data.download_only=true`` stops after the subsets are downloaded and extracted.
+    """
+    out_dir = Path(out_dir)
+    dirs = download_subsets(data_cfg, progress=progress)
+    summary: dict = {"subsets": {name: str(d) for name, d in dirs.items()}}
+    if _get(data_cfg, "download_only", False):
+        return summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    min_seconds = float(_get(data_cfg, "min_seconds", 0.0))
+    by_subset: dict[str, list[ManifestRow]] = {}
+    rejected: list[tuple[str, str]] = []
+    for name, subset_dir in dirs.items():
+        rows, bad = scan_subset(subset_dir, min_seconds, progress=progress)
+        published = SUBSETS[name].num_utterances
+        if published and len(rows) + len(bad) != published:  # e.g. an incomplete data.root copy
+            log.warning("%s: %d utterances found, the published subset has %d",
+                        subset_dir, len(rows) + len(bad), published)  # fmt: skip
+        write_manifest(out_dir / f"{name}.tsv", rows)
+        by_subset[name], rejected = rows, rejected + bad
+    everything = [r for rows in by_subset.values() for r in rows]
+    write_manifest(out_dir / "manifest.tsv", everything)
+    splits = choose_splits(list(by_subset), _get(data_cfg, "splits", {}))
+    for split in ("train", "valid", "test"):
+        path = out_dir / f"{split}.tsv"
+        if splits[split]:
+            write_manifest(path, [r for s in splits[split] for r in by_subset[s]])
+        elif path.exists():  # left from an earlier run with other subsets
+            path.unlink()
+    write_rejected(out_dir / "rejected.tsv", rejected)
+    summary.update(
+        utterances={name: len(rows) for name, rows in by_subset.items()},
+        splits=splits,
+        rejected=len(rejected),
+    )
+    if features_cfg is not None:
+        train_rows = [r for s in splits["train"] for r in by_subset[s]]
+        limit = _get(data_cfg, "stats_utterances_per_speaker")
+        write_stats(out_dir / "stats.json", train_rows, everything, features_cfg, limit, progress)
+        summary["stats"] = str(out_dir / "stats.json")
+    alignments = _get(data_cfg, "alignments")
+    if alignments:
+        ids = [r.id for r in everything]
+        summary["alignments"] = import_alignments(alignments, ids, out_dir / "alignments")
+    _log_summary(out_dir, by_subset, splits, rejected)
+    return summary
+
+
+def _log_summary(
+    out_dir: Path,
+    by_subset: Mapping[str, Sequence[ManifestRow]],
+    splits: Mapping[str, Sequence[str]],
+    rejected: Sequence[tuple[str, str]],
+) -> None:
+    for name, rows in by_subset.items():
+        hours = sum(r.num_samples for r in rows) / SAMPLE_RATE / 3600
+        log.info("%s: %d utterances, %d speakers, %.2f h", out_dir / f"{name}.tsv", len(rows),
+                 len(speakers_of(rows)), hours)  # fmt: skip
+    log.info("splits: %s", ", ".join(f"{k}.tsv = {' + '.join(v)}" for k, v in splits.items() if v))
+    where = f" (listed in {out_dir / 'rejected.tsv'})" if rejected else ""
+    log.info("%d rejected%s", len(rejected), where)
