@@ -14,9 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("speechvq")
+
+# `out_dir: ${speechvq_dirname:${out}}`: a stage whose output is a file runs hydra in its folder.
+OmegaConf.register_new_resolver(
+    "speechvq_dirname", lambda p: str(Path(str(p)).parent), replace=True
+)
 
 
 def conf_dir() -> Path:

@@ -1,0 +1,307 @@
+"""speechvq-extract and the chunked encoder: every format, exact chunking, shards, bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from speechvq import units as U
+from speechvq.audio import load_audio, save_audio
+from speechvq.checkpoint import save_checkpoint
+from speechvq.cli import extract
+from speechvq.cli._hydra import StageError, conf_dir
+from speechvq.data.manifest import ManifestRow, read_manifest, write_manifest
+from speechvq.features import FeatureStats, Moments, build_logmel, compute_stats
+from speechvq.nn.quantizer import kmeans, sq_distances
+from speechvq.vqvae import build_vqvae, load_vqvae
+
+CONF = conf_dir()
+EXTRACT = Path(sys.executable).parent / "speechvq-extract"
+SR = 16000
+SPEAKERS = ("alice", "bob", "carol")
+FORMATS = {"gslm": "units.txt", "kaldi": "units.kaldi", "npy": "units.npz",
+           "espnet": "text", "km": "train.km"}
+
+
+# ---------------------------------------------------------------- fixtures: a tiny model, audio
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions are dominated by thread synchronisation on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_config(kind: str) -> dict:
+    cfg = OmegaConf.create({
+        "features": OmegaConf.load(CONF / "features" / "logmel.yaml"),
+        "model": OmegaConf.load(CONF / "model" / f"{kind}.yaml"),
+        "quantizer": OmegaConf.load(CONF / "quantizer" / "ema.yaml"),
+    })
+    if kind == "mel":
+        cfg.model.encoder.channels = 16
+        cfg.model.decoder.channels = 16
+    else:
+        cfg.model.encoder.channels = [4] * len(cfg.model.encoder.channels)
+        cfg.model.decoder.channels = [4] * len(cfg.model.decoder.channels)
+    cfg.model.encoder.out_channels = 8
+    cfg.model.decoder.speaker_dim = 8
+    cfg.quantizer.n_codes = 32
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _signal(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """Phone-like stretches: harmonic tones of changing pitch and noise bursts."""
+    pieces = []
+    while sum(len(p) for p in pieces) < seconds * SR:
+        n = int(rng.integers(800, 3200))
+        t = np.arange(n) / SR
+        if rng.random() < 0.3:
+            pieces.append(0.05 * rng.standard_normal(n))
+        else:
+            f0 = rng.uniform(90, 250)
+            pieces.append(sum(np.sin(2 * np.pi * f0 * k * t) * rng.uniform(0, 0.2) for k in range(1, 8)))
+    return np.concatenate(pieces)[: int(seconds * SR)].astype(np.float32)
+
+
+def _tiny_vqvae(path: Path, kind: str, stats: FeatureStats, wavs: list[torch.Tensor]) -> Path:
+    """An untrained VQ-VAE whose codebook is spread over its own encoder outputs (so the units
+    vary), saved in the contract's checkpoint format."""
+    cfg = _tiny_config(kind)
+    torch.manual_seed(0)
+    model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=len(SPEAKERS)).eval()
+    logmel = build_logmel(cfg["features"])
+    with torch.no_grad():
+        z = torch.cat([
+            model.encoder((stats.normalize(logmel(w), None, "global") if kind == "mel" else w)[None])
+            [0].T for w in wavs
+        ])
+        model.quantizer.codebook.copy_(kmeans(z, model.n_codes, 10)[0])  # as training's init
+        model.quantizer.inited.fill_(True)
+    save_checkpoint(path, {
+        "kind": "vqvae",
+        "model_config": {"model": cfg["model"], "quantizer": cfg["quantizer"],
+                         "n_speakers": len(SPEAKERS)},
+        "meta": {"speakers": list(SPEAKERS), "stats": stats.to_dict(),
+                 "features": cfg["features"], "frame_rate": model.frame_rate,
+                 "n_codes": model.n_codes},
+        "model": model.state_dict(),
+        "step": 0,
+    })
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """9 utterances of 0.3-2.5 s by 3 speakers, one corrupt file; stats.json beside the manifest
+    covers alice and bob only (carol's statistics must be computed at extraction)."""
+    root = tmp_path_factory.mktemp("extract")
+    rng = np.random.default_rng(0)
+    rows, wavs = [], []
+    for i in range(9):
+        wav = _signal(rng, float(rng.uniform(0.3, 2.5)))
+        path = root / "audio" / f"u{i}.wav"
+        save_audio(path, wav, SR)
+        rows.append(ManifestRow(f"utt-{i}", str(path), len(wav), SPEAKERS[i % 3]))
+        wavs.append(load_audio(path))
+    bad = root / "audio" / "broken.wav"
+    bad.write_bytes(b"RIFF0000WAVEjunk" * 10)
+    rows.insert(4, ManifestRow("broken", str(bad), 16000, "alice"))
+    write_manifest(root / "manifest.tsv", rows)
+    features = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
+    stats = compute_stats([r for r in rows if r.speaker != "carol" and r.id != "broken"],
+                          features, progress=False)
+    stats.save(root / "stats.json")
+    ckpt = _tiny_vqvae(root / "best.pt", "mel", stats, wavs)
+    return {"root": root, "manifest": root / "manifest.tsv", "ckpt": ckpt, "stats": stats,
+            "rows": [r for r in rows if r.id != "broken"], "features": features}
+
+
+def _reference_units(corpus) -> dict[str, np.ndarray]:
+    """Each utterance encoded whole and alone, the way training prepares an utterance."""
+    model, meta = load_vqvae(corpus["ckpt"])
+    rows = corpus["rows"]
+    carol = compute_stats([r for r in rows if r.speaker == "carol"], corpus["features"],
+                          progress=False)
+    stats = corpus["stats"]
+    logmel = build_logmel(meta["features"])
+    out = {}
+    for r in rows:
+        wav = load_audio(r.path)
+        wav = wav[: len(wav) // 320 * 320]
+        s = carol if r.speaker == "carol" else stats
+        feats = s.normalize(logmel(wav), r.speaker, "speaker")
+        out[r.id] = model.encode(feats[None])[0].numpy()
+    return out
+
+
+def _run(overrides: list[str]) -> int:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("extract", overrides=["progress=false", "num_workers=0", *overrides])
+    return extract.run(cfg)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_extracts_dedup_units_with_sidecar(corpus, tmp_path):
+    out = tmp_path / "units.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(EXTRACT), f"checkpoint={corpus['ckpt']}", f"data.manifest={corpus['manifest']}",
+         f"out={out}", "format=gslm", "dedup=true", "progress=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "9 utterances" in proc.stdout and "1 rejected" in proc.stdout
+    reference = _reference_units(corpus)
+    frames = U.read_units(out, expand=True)
+    assert list(frames) == [r.id for r in corpus["rows"]]  # manifest order, bad file skipped
+    for utt, seq in reference.items():
+        assert np.array_equal(frames[utt], seq), utt
+    assert any(len(np.unique(s)) > 3 for s in frames.values())  # the test means something
+    meta = json.loads(U.sidecar_path(out).read_text())
+    assert meta["frame_rate"] == 50.0 and meta["n_codes"] == 32 and meta["dedup"] is True
+    assert meta["model_kind"] == "mel" and len(meta["checkpoint_hash"]) == 16
+    assert meta["counts"]["utterances"] == 9 and meta["counts"]["rejected"] == 1
+    assert meta["rejected"][0]["id"] == "broken" and "broken.wav" in meta["rejected"][0]["path"]
+    assert meta["normalization"]["speakers_from_stats_json"] == 2
+    assert meta["normalization"]["speakers_computed"] == 1
+    assert meta["config"]["format"] == "gslm"
+    assert not (tmp_path / ".hydra").exists()
+
+
+def test_every_format_holds_the_same_units(corpus, tmp_path):
+    reference = _reference_units(corpus)
+    for fmt, name in FORMATS.items():
+        out = tmp_path / fmt / name
+        assert _run([f"checkpoint={corpus['ckpt']}", f"data.manifest={corpus['manifest']}",
+                     f"out={out}", f"format={fmt}", "max_batch_seconds=3"]) == 0
+        back = U.read_units(out)
+        assert set(back) == set(reference), fmt
+        for utt, seq in reference.items():
+            assert np.array_equal(back[utt], seq), (fmt, utt)
+    assert (tmp_path / "km" / "dict.km.txt").read_text().count("\n") == 32
+
+
+def test_rerun_is_skipped_until_something_changes(corpus, tmp_path, capsys):
+    args = [f"checkpoint={corpus['ckpt']}", f"data.manifest={corpus['manifest']}",
+            f"out={tmp_path / 'u.txt'}"]
+    _run(args)
+    capsys.readouterr()
+    _run(args)
+    assert "already done" in capsys.readouterr().out
+    _run([*args, "dedup=true"])  # another config: extracted again
+    assert "already done" not in capsys.readouterr().out
+    _run([*args, "dedup=true", "force=true"])
+    assert "already done" not in capsys.readouterr().out
+
+
+def test_shards_merge_to_the_whole(corpus, tmp_path, capsys):
+    common = [f"checkpoint={corpus['ckpt']}", f"data.manifest={corpus['manifest']}",
+              "format=kaldi", "dedup=true"]
+    _run([*common, f"out={tmp_path / 'all.txt'}"])
+    for i in range(3):
+        _run([*common, f"out={tmp_path / 'sharded.txt'}", f"shard={i}", "nshards=3"])
+        assert (tmp_path / f"sharded.txt.shard-{i}-of-3").exists()
+    _run([f"out={tmp_path / 'sharded.txt'}", "nshards=3", "merge=true"])
+    assert "merged 3 shards" in capsys.readouterr().out
+    assert (tmp_path / "sharded.txt").read_text() == (tmp_path / "all.txt").read_text()
+    assert (tmp_path / "sharded.txt.durations").read_text() == (
+        tmp_path / "all.txt.durations").read_text()
+    meta = json.loads((tmp_path / "sharded.txt.json").read_text())
+    assert meta["counts"]["utterances"] == 9 and len(meta["rejected"]) == 1
+
+
+def test_stage_errors(corpus, tmp_path):
+    with pytest.raises(StageError, match="checkpoint"):
+        _run([f"out={tmp_path / 'u.txt'}", f"data.manifest={corpus['manifest']}"])
+    with pytest.raises(StageError, match="nope.pt"):
+        _run([f"out={tmp_path / 'u.txt'}", f"data.manifest={corpus['manifest']}",
+              f"checkpoint={tmp_path / 'nope.pt'}"])
+    with pytest.raises(StageError, match="format"):
+        _run([f"out={tmp_path / 'u.txt'}", "format=csv"])
+    with pytest.raises(StageError, match="shard-1-of-2"):
+        _run([f"out={tmp_path / 'u.txt'}", "nshards=2", "merge=true"])
+
+
+# ---------------------------------------------------------------- chunked = whole
+
+
+@pytest.mark.parametrize("kind", ["mel", "wave"])
+def test_long_file_in_chunks_equals_whole_file(tmp_path, kind):
+    """A 40 s file cut into 3 s windows (+ context) gives exactly the units of one pass."""
+    wav = torch.from_numpy(_signal(np.random.default_rng(1), 40.0))
+    features = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
+    logmel = build_logmel(features)
+    feats = logmel(wav)
+    stats = FeatureStats(features, _moments(feats), {})
+    ckpt = _tiny_vqvae(tmp_path / "m.pt", kind, stats, [wav[: 5 * SR]])
+    model, _ = load_vqvae(ckpt)
+    make_input = U.ModelInput(kind, model.samples_per_unit, SR, features | {"normalize": "global"},
+                              stats, chunk_seconds=3.0)
+    path = tmp_path / "long.wav"
+    save_audio(path, wav.numpy(), SR)
+    x = make_input(str(path), "anyone")
+    wav16 = load_audio(path)[: len(wav) // 320 * 320]
+    if kind == "mel":  # the chunked log-mels are the one-pass log-mels
+        whole_x = stats.normalize(logmel(wav16), None, "global")
+        assert torch.equal(x, whole_x)
+    else:
+        whole_x = wav16
+    whole = model.encode(whole_x[None])[0].numpy()
+    encoder = U.ChunkedEncoder(model, chunk_seconds=3.0, max_batch_seconds=8.0)
+    assert encoder.context >= encoder.receptive_field / encoder.stride
+    short = x[..., : 37 * encoder.stride]  # batched with the long file's windows
+    chunked, alone = encoder([x, short])
+    assert len(chunked) == len(whole) == 2000
+    assert len(U.plan_chunks(len(whole), encoder.chunk, encoder.context)) >= 13
+    assert np.array_equal(alone, model.encode(short[None])[0].numpy())
+    assert len(np.unique(whole)) > 3
+    # Exact up to float rounding: convolutions over windows round differently (~1e-7) from one
+    # pass over the file, so a frame whose two nearest codes are tied to within the quantizer's
+    # own precision may flip. No other frame may differ.
+    differ = np.flatnonzero(chunked != whole)
+    assert len(differ) <= 0.005 * len(whole)
+    z = model.encoder(whole_x[None])[0].T[differ]  # (n, D)
+    d = sq_distances(z, model.quantizer.codebook)
+    rows = torch.arange(len(differ))
+    gap = (d[rows, torch.from_numpy(chunked[differ]).long()] - d[rows, whole[differ]]).abs()
+    scale = z.pow(2).sum(1) + model.quantizer.codebook.pow(2).sum(1).max()
+    assert bool((gap <= 1e-5 * scale).all()), (differ, gap, scale)
+
+
+def _moments(feats: torch.Tensor) -> Moments:
+    return Moments(feats.mean(1), feats.std(1), feats.shape[1])
+
+
+def test_batching_never_changes_units(corpus):
+    """Utterances encoded together (padded batches) = each encoded alone."""
+    model, meta = load_vqvae(corpus["ckpt"])
+    make_input = U.ModelInput("mel", 320, SR, meta["features"] | {"normalize": "global"},
+                              corpus["stats"])
+    xs = [make_input(r.path, r.speaker) for r in read_manifest(corpus["manifest"])
+          if r.id != "broken"]
+    together = U.ChunkedEncoder(model, chunk_seconds=30.0, max_batch_seconds=100.0)(xs)
+    for x, units in zip(xs, together, strict=True):
+        assert np.array_equal(units, model.encode(x[None])[0].numpy())
+
+
+def test_receptive_field_matches_measurement():
+    cfg = _tiny_config("mel")
+    model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=1)
+    rf, stride = U.receptive_field(model.encoder)
+    assert stride == 2
+    assert rf == U.measured_receptive_field(model.encoder, (80,), 200)
