@@ -164,14 +164,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=False)
-    use_cuda = _resolve_device(device, local_rank).type == "cuda"
+    use_cuda = resolve_device(device, local_rank).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=True)
 
 
-def _resolve_device(device: str, local_rank: int = 0) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when present (this rank's GPU under torchrun) else CPU; else ``device``."""
+    device = str(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -391,7 +393,7 @@ class _Loop:
         self.task, self.tc, self.info, self.seed, self.config = task, tc, info, seed, config
         self.out_dir = out_dir
         self.ckpt_dir = out_dir / "checkpoints"
-        self.device = _resolve_device(device, info.local_rank)
+        self.device = resolve_device(device, info.local_rank)
         self.dtype = _precision(tc, self.device)
         self.raw = task.model.to(self.device)
         self.model: nn.Module = self.raw

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from speechvq.checkpoint import CheckpointError, checkpoint_hash
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.manifest import read_manifest
+from speechvq.training import resolve_device
 from speechvq.units import (
     FORMATS,
     ChunkedEncoder,
@@ -43,11 +44,6 @@ from speechvq.vqvae import load_vqvae
 
 log = logging.getLogger("speechvq.extract")
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _file_hash(path: Path) -> str:
@@ -114,7 +110,7 @@ def run(cfg: DictConfig) -> int:
         print(f"{target}: already done")
         return 0
 
-    device = _device(str(cfg.device))
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     try:

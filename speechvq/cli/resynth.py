@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from speechvq.audio import AudioError
 from speechvq.checkpoint import CheckpointError
 from speechvq.cli._hydra import StageError, hydra_main
-from speechvq.cli.sample import device_of
 from speechvq.data.manifest import read_manifest
 from speechvq.generate import Synthesizer, resolve_speakers, write_resynthesis
 from speechvq.report import log_to_tensorboard, write_report
+from speechvq.training import resolve_device
 
 log = logging.getLogger("speechvq.resynth")
 
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> None:
     vocoder = OmegaConf.to_container(cfg.vocoder, resolve=True)
     try:
         rows = _choose(read_manifest(cfg.data.manifest), cfg)
-        synth = Synthesizer.from_checkpoint(cfg.checkpoint, vocoder, device=device_of(cfg.device))
+        synth = Synthesizer.from_checkpoint(cfg.checkpoint, vocoder, device=resolve_device(cfg.device))
         spec = OmegaConf.to_container(cfg.speaker) if OmegaConf.is_list(cfg.speaker) else cfg.speaker
         targets = resolve_speakers(spec, synth.speakers, str(cfg.checkpoint))
         page = write_resynthesis(synth, rows, out_dir, targets, seed=int(cfg.seed))

@@ -19,7 +19,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speechvq.audio import AudioError, load_audio, save_audio
@@ -34,15 +33,11 @@ from speechvq.generate import (
     write_samples,
 )
 from speechvq.report import Clip, Row, log_to_tensorboard, write_report
+from speechvq.training import resolve_device
 from speechvq.units import write_units
 
 log = logging.getLogger("speechvq.sample")
 
-
-def device_of(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _prompt(cfg: DictConfig, synth: Synthesizer, out_dir: Path):
@@ -72,7 +67,7 @@ def _prompt(cfg: DictConfig, synth: Synthesizer, out_dir: Path):
 def run(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device_of(str(cfg.device))
+    device = resolve_device(cfg.device)
     vocoder = OmegaConf.to_container(cfg.vocoder, resolve=True)
     try:
         synth = Synthesizer.from_checkpoint(cfg.vqvae, vocoder, device=device)
