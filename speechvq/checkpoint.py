@@ -116,6 +116,24 @@ def checkpoint_key(ckpt: Mapping, key: str, path: str | Path = "<checkpoint>") -
     return _get_dotted(ckpt, key, Path(path))
 
 
+def load_model_state(model: torch.nn.Module, ckpt: Mapping, path: str | Path) -> None:
+    """Load ``ckpt["model"]`` into ``model``: DDP's ``module.`` and torch.compile's
+    ``_orig_mod.`` prefixes are dropped; weights that do not fit raise :class:`CheckpointError`
+    naming the file (every stage rebuilding a model from a checkpoint goes through here)."""
+    state = {}
+    for key, value in checkpoint_key(ckpt, "model", path).items():
+        stripped = None
+        while stripped != key:
+            stripped = key
+            for prefix in ("module.", "_orig_mod."):
+                key = key.removeprefix(prefix)
+        state[key] = value
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(Path(path), f"weights do not match its model_config: {err}") from None
+
+
 def checkpoint_hash(path: str | Path) -> str:
     """The first 16 hex digits of the file's sha256: names the exact weights units came from."""
     path = Path(path)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from speechvq.checkpoint import CheckpointError, load_checkpoint
+from speechvq.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from speechvq.features import FeatureStats, build_logmel, utterance_normalize
 from speechvq.metrics import prior_perplexity
 from speechvq.nn.prior import IGNORE_INDEX, Prior
@@ -62,12 +62,7 @@ def load_prior(path: str | Path, map_location: str | torch.device = "cpu"
         prior = Prior(**ckpt["model_config"])
     except TypeError as err:
         raise CheckpointError(path, f"model_config does not fit Prior: {err}") from None
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v
-             for k, v in ckpt["model"].items()}
-    try:
-        prior.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(path, f"weights do not match the model config: {err}") from None
+    load_model_state(prior, ckpt, path)
     return prior.to(map_location).eval(), dict(ckpt["meta"])
 
 
@@ -174,7 +169,9 @@ class Synthesizer:
 
         ``speaker`` picks the normalisation statistics (unknown or None: global statistics).
         """
-        wav = wav.to(self.device).float()
+        # Cut to whole units first, as extraction (speechvq.units.ModelInput) and the datasets
+        # do: the last frames' padding and utterance statistics then match, and so do the units.
+        wav = wav[: self.num_units(wav.numel()) * self.samples_per_unit].to(self.device).float()
         if self.vqvae.kind == "mel":
             feats = self._logmel.to(self.device)(wav)
             if self.normalize == "utterance":  # needs no statistics

@@ -17,6 +17,7 @@ from speechvq.checkpoint import (
     checkpoint_hash,
     checkpoint_key,
     load_checkpoint,
+    load_model_state,
     restore_rng,
     save_checkpoint,
 )
@@ -148,3 +149,15 @@ def test_wrong_kind_and_missing_keys(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nocfg.pt")
     with pytest.raises(CheckpointError, match=r"x\.pt: checkpoint is missing key 'meta\.kind'"):
         checkpoint_key({"meta": {}}, "meta.kind", "x.pt")
+
+
+def test_load_model_state_strips_wrappers_and_names_the_file(tmp_path: Path) -> None:
+    src = torch.nn.Linear(3, 2)
+    wrapped = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
+    dst = torch.nn.Linear(3, 2)
+    load_model_state(dst, {"model": wrapped}, tmp_path / "a.pt")
+    assert torch.equal(dst.weight, src.weight)
+    with pytest.raises(CheckpointError, match="a.pt: .*weights do not match"):
+        load_model_state(torch.nn.Linear(4, 2), {"model": wrapped}, tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match="a.pt.*model"):
+        load_model_state(dst, {}, tmp_path / "a.pt")

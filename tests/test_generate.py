@@ -275,6 +275,21 @@ def test_train_prior_cli(tmp_path):
     assert meta["speakers"] == SPEAKERS  # the manifest's speakers, sorted
 
 
+def test_train_prior_speakers_default_to_the_units_manifest(tmp_path):
+    """Without data.manifest the speakers come from the manifest named in the units' sidecar; with
+    none known, no speaker tokens at all (sampling must not use tokens training never saw)."""
+    from speechvq.cli.train_prior import _speakers
+
+    rows = [ManifestRow(f"u{k}", "/nonexistent.wav", 16000, SPEAKERS[k % 2]) for k in range(4)]
+    write_manifest(tmp_path / "m.tsv", rows)
+    cfg = _compose("train_prior", ["units=u.txt", f"out_dir={tmp_path}"])
+    vq_meta = {"speakers": ["bob", "alice", "carol"]}
+    speaker_of, inventory = _speakers(cfg, vq_meta, [{"manifest": str(tmp_path / "m.tsv")}])
+    assert speaker_of == {"u0": "alice", "u1": "bob", "u2": "alice", "u3": "bob"}
+    assert inventory == ["bob", "alice", "carol"]  # the decoder's names, so tokens match
+    assert _speakers(cfg, vq_meta, [{"manifest": str(tmp_path / "gone.tsv")}, {}]) == ({}, [])
+
+
 # ---------------------------------------------------------------- synthesis
 
 

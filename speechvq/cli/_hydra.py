@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 log = logging.getLogger("speechvq")
 
@@ -40,13 +42,77 @@ class StageError(Exception):
     """An error a stage reports to the user as one clear line (no traceback)."""
 
 
-def hydra_main(config_name: str, run: Callable[[DictConfig], int | None]) -> Callable[[], None]:
+def _one_line(err: Exception) -> str:
+    """Hydra/OmegaConf's multi-line messages folded into one line, without search-path noise."""
+    text = str(err)
+    head, _, rest = text.partition("Available options in")
+    parts = [ln.strip() for ln in head.splitlines() if ln.strip()]
+    parts = [ln for ln in parts if not ln.startswith(("full_key:", "object_type=", "To append",
+                                                       "Config search path", "provider="))]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        parts.append(str(cause).strip().splitlines()[0])
+    msg = " ".join(parts)
+    if rest:
+        options = [ln.strip() for ln in rest.split("Config search path")[0].splitlines()[1:]]
+        msg += "; choose from " + ", ".join(o for o in options if o)
+    return msg
+
+
+def _missing_key(err: Exception) -> str | None:
+    """The key behind a 'Missing mandatory value' error (also when reached by interpolation)."""
+    match = re.search(r"Missing mandatory value: ?([\w.\-]+)", str(err))
+    return match.group(1) if match else getattr(err, "full_key", None)
+
+
+def _missing_values(cfg: DictConfig, aliases: Mapping[str, str]) -> str | None:
+    """One line naming every required (``???``) value left out, or None."""
+    keys = sorted(OmegaConf.missing_keys(cfg))
+    if not keys:
+        return None
+    given = " ".join(f"{aliases.get(k, k)}=..." for k in keys)
+    return f"missing required value{'s' if len(keys) > 1 else ''}: {given}"
+
+
+def _check_config(path: str, config_name: str, overrides: list[str],
+                  aliases: Mapping[str, str]) -> str | None:
+    """Compose the config as hydra will and return, as one line naming the key, what hydra would
+    print as a multi-line error or a traceback: an unknown config-group option, an unknown key, a
+    required value left out that the run folder needs. None when the config composes. Skipped
+    when hydra's own flags (``--help``, ``--cfg``, ``-m``, ...) are given."""
+    if any(a.startswith("-") for a in overrides):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=path, version_base="1.3", job_name=config_name):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+            missing = _missing_values(
+                OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), aliases)
+            if missing:
+                return missing
+            str(cfg.hydra.run.dir)
+    except OmegaConfBaseException as err:
+        key = _missing_key(err)
+        return _one_line(err) if key is None else f"missing required value: {key}=..."
+    except HydraException as err:
+        return _one_line(err)
+    return None
+
+
+def hydra_main(config_name: str, run: Callable[[DictConfig], int | None],
+               aliases: Mapping[str, str] | None = None) -> Callable[[], None]:
     """Wrap ``run(cfg)`` as a console-script entry point over ``conf/<config_name>.yaml``.
 
     Hydra's own output folders are disabled (``hydra.run.dir`` is ``out_dir``), outputs go to
     ``cfg.out_dir``. A :class:`StageError` (or :class:`speechvq.audio.AudioError`) raised by ``run``
-    is printed as one line and exits with status 2.
+    is printed as one line and exits with status 2, and so is a config that does not compose or
+    leaves a required (``???``) value out. ``aliases`` maps a config key to the name the command
+    line uses for it in those messages (sample's ``prior_checkpoint`` is given as ``prior=``).
     """
+    aliases = dict(aliases or {})
 
     def entry() -> None:
         path = str(conf_dir())
@@ -56,14 +122,26 @@ def hydra_main(config_name: str, run: Callable[[DictConfig], int | None]) -> Cal
             from speechvq.audio import AudioError
             from speechvq.checkpoint import CheckpointError
 
+            missing = _missing_values(cfg, aliases)
+            if missing:
+                log.error("%s", missing)
+                sys.exit(2)
             try:
                 status = run(cfg)
             except (StageError, AudioError, CheckpointError) as err:
                 log.error("%s", err)
                 sys.exit(2)
+            except MissingMandatoryValue as err:
+                key = _missing_key(err)
+                log.error("missing required value: %s=...", aliases.get(key, key))
+                sys.exit(2)
             if status:
                 sys.exit(int(status))
 
+        problem = _check_config(path, config_name, sys.argv[1:], aliases)
+        if problem:
+            print(f"speechvq-{config_name.replace('_', '-')}: {problem}", file=sys.stderr)
+            sys.exit(2)
         _main()
 
     return entry

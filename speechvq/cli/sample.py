@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> None:
     print(f"wrote {cfg.n} samples of {cfg.seconds} s to {out_dir}; listen: {index}")
 
 
-_entry = hydra_main("sample", run)
+_entry = hydra_main("sample", run, aliases={"prior_checkpoint": "prior"})
 
 
 def main() -> None:

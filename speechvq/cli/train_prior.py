@@ -57,16 +57,28 @@ def _vqvae_meta(cfg: DictConfig, sidecar: dict) -> tuple[dict, str | None]:
     return dict(ckpt["meta"]), str(path)
 
 
-def _speakers(cfg: DictConfig, vq_meta: dict) -> tuple[dict[str, str], list[str]]:
-    """(id -> speaker, token inventory)."""
+def _speakers(cfg: DictConfig, vq_meta: dict,
+              sidecars: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """(id -> speaker, token inventory). Speakers come from ``data.manifest``, else from the
+    manifests the unit files were extracted from (their sidecars name them). With no speaker known
+    for any utterance the inventory is empty: tokens never seen in training would otherwise be
+    used at sampling time."""
     if not cfg.speaker_tokens:
         return {}, []
+    manifests = ([cfg.data.manifest] if cfg.data.manifest is not None else
+                 [m for m in (sc.get("manifest") for sc in sidecars) if m and Path(m).is_file()])
     speaker_of: dict[str, str] = {}
-    if cfg.data.manifest is not None:
+    for manifest in manifests:
         try:
-            speaker_of = {r.id: r.speaker for r in read_manifest(cfg.data.manifest)}
+            speaker_of.update({r.id: r.speaker for r in read_manifest(manifest)})
         except ValueError as err:
             raise StageError(str(err)) from None
+    if not speaker_of:
+        log.warning("no manifest gives the utterances' speakers (data.manifest=...): "
+                    "the prior is trained without speaker tokens")
+        return {}, []
+    if cfg.data.manifest is None:
+        log.info("speakers from the units' manifest(s): %s", ", ".join(map(str, manifests)))
     inventory = [str(s) for s in vq_meta.get("speakers", [])]
     if not inventory:
         inventory = sorted(set(speaker_of.values()))
@@ -85,8 +97,10 @@ def _n_codes(cfg: DictConfig, sidecar: dict, vq_meta: dict, units: dict) -> int:
 def run(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir)
     units, sidecar = _read(cfg.units)
+    sidecars = [sidecar]
     if cfg.valid_units is not None:
-        valid, _ = _read(cfg.valid_units)
+        valid, valid_sidecar = _read(cfg.valid_units)
+        sidecars.append(valid_sidecar)
         train = units
         if overlap := set(train) & set(valid):
             log.warning("%d utterance(s) are in both %s and %s", len(overlap), cfg.units,
@@ -99,7 +113,7 @@ def run(cfg: DictConfig) -> None:
         train = {i: units[i] for i in train_ids}
         valid = {i: units[i] for i in valid_ids}
     vq_meta, vq_path = _vqvae_meta(cfg, sidecar)
-    speaker_of, inventory = _speakers(cfg, vq_meta)
+    speaker_of, inventory = _speakers(cfg, vq_meta, sidecars)
     n_codes = _n_codes(cfg, sidecar, vq_meta, {**train, **valid})
     meta: dict[str, Any] = {
         "units": str(cfg.units), "valid_units": cfg.valid_units,
