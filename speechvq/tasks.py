@@ -62,7 +62,8 @@ class VQVAETask:
         feats_cfg = self.features if mel else None
         self.train_set = CropDataset(train_rows, self.speakers, self.stats, feats_cfg,
                                      crop_seconds=float(data["crop_seconds"]),
-                                     sample_rate=sample_rate, seed=int(cfg["seed"]))
+                                     sample_rate=sample_rate, seed=int(cfg["seed"]),
+                                     cache_audio=_cache_audio(data.get("cache", False), train_rows))
         self.valid_set = (UtteranceDataset(valid_rows, self.speakers, self.stats, feats_cfg,
                                            sample_rate=sample_rate) if valid_rows else None)
         self.meta = {
@@ -191,6 +192,19 @@ def _load_stats(
             extra = compute_stats(missing, features, progress=progress)
             stats.speakers.update(extra.speakers)
     return stats
+
+
+# data.cache=auto keeps decoded training audio in memory up to this size (float32 samples)
+AUTO_CACHE_BYTES = 2 * 1024**3
+
+
+def _cache_audio(setting: Any, rows: Sequence[ManifestRow]) -> bool:
+    """``data.cache``: true | false | auto (cache when the training audio fits in 2 GiB)."""
+    if isinstance(setting, str) and setting.lower() == "auto":
+        return sum(r.num_samples for r in rows) * 4 <= AUTO_CACHE_BYTES
+    if isinstance(setting, str):
+        raise ValueError(f"data.cache must be true, false or auto, got {setting!r}")
+    return bool(setting)
 
 
 def _trim(item: dict, seconds: float, sample_rate: int) -> dict:

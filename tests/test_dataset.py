@@ -187,3 +187,16 @@ def test_sorted_batches_cover_everything_once(corpus, stats, features_cfg):
         longest = max(corpus[i].num_samples for i in b)
         assert len(b) == 1 or longest * len(b) <= 2.0 * SR
     assert batches == ds.sorted_batches(max_seconds=2.0)
+
+
+def test_audio_cache_gives_identical_crops(corpus, stats, features_cfg):
+    plain = _crops(corpus, stats, features_cfg)
+    cached = CropDataset(
+        corpus, speakers_of(corpus), stats, features_cfg, 0.5, SR, cache_audio=True
+    )
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(corpus)):
+            assert _same(plain[i], cached[i])
+    assert len(cached._cache) == len(corpus) - 1  # every readable file once, the broken one never

@@ -220,3 +220,18 @@ def test_ddp_replicas_keep_identical_codebooks(tmp_path):
     # the run had steps with restarts (broadcast from rank 0) and without (EMA all-reduce alone)
     assert r0["dead"] == r1["dead"]
     assert any(d > 0 for d in r0["dead"]) and any(d == 0 for d in r0["dead"]), r0["dead"]
+
+
+def test_normalized_lookup_is_cosine_and_scale_free():
+    torch.manual_seed(0)
+    vq = _vq(n_codes=16, dim=8, normalize=True).train()
+    vq(torch.randn(2, 8, 40))
+    vq.eval()
+    z = torch.randn(2, 8, 30)
+    z_q, indices, losses = vq(z)
+    # codes are unit vectors and the lookup ignores the latents' length
+    torch.testing.assert_close(z_q.norm(dim=1), torch.ones(2, 30))
+    assert torch.equal(vq.encode(3.0 * z), indices)
+    cos = torch.nn.functional.normalize(z.transpose(1, 2), dim=-1) @ vq.decode_codes().t()
+    assert torch.equal(cos.argmax(-1), indices)
+    assert torch.isfinite(losses["vq_commit"])

@@ -35,7 +35,8 @@ fi
 if want_stage 1; then
   stage_args train
   "$recipes/train.sh" --manifest "$data_dir/train.tsv" --valid-manifest "$data_dir/valid.tsv" \
-    --model "$model" --out "$exp_dir" --nproc "$nproc" trainer.max_steps=3000 "${args[@]}"
+    --model "$model" --out "$exp_dir" --nproc "$nproc" trainer.max_steps=1500 trainer.max_minutes=14 \
+    "${args[@]}"
 fi
 if want_stage 2; then
   stage_args extract

@@ -89,6 +89,9 @@ class CropDataset(torch.utils.data.Dataset):
     ``crop_seconds`` is rounded down to a multiple of 20 ms (one unit). Shorter utterances are
     zero-padded at the end (``num_samples`` says how much is real). ``speakers`` gives the speaker
     ids (index in the list); every row's speaker must be in it. ``features_cfg=None``: waveforms only.
+    ``cache_audio``: keep every decoded waveform in memory after its first read (float32, 4 bytes
+    per sample: for corpora that fit in RAM; decoding is a large part of a CPU step). With
+    DataLoader workers each worker fills its own copy.
     """
 
     def __init__(
@@ -100,10 +103,13 @@ class CropDataset(torch.utils.data.Dataset):
         crop_seconds: float,
         sample_rate: int = 16000,
         seed: int = 0,
+        cache_audio: bool = False,
     ) -> None:
         self.rows = list(rows)
         if not self.rows:
             raise ValueError("CropDataset needs at least one utterance")
+        self.cache_audio = bool(cache_audio)
+        self._cache: dict[int, Tensor] = {}
         self.speakers = list(speakers)
         self._speaker_ids = {s: i for i, s in enumerate(self.speakers)}
         unknown = sorted({r.speaker for r in self.rows} - set(self._speaker_ids))
@@ -136,11 +142,17 @@ class CropDataset(torch.utils.data.Dataset):
             i = index if attempt == 0 else int(self._rng(index, attempt).integers(len(self.rows)))
             if i in self._bad:
                 continue
+            if i in self._cache:
+                return i, self._cache[i]
             try:
-                return i, load_audio(self.rows[i].path, self.sample_rate)
+                wav = load_audio(self.rows[i].path, self.sample_rate)
             except AudioError as err:
                 self._bad.add(i)
                 _warn_bad(self._warned, err, "skipping it (another utterance is used in its place)")
+                continue
+            if self.cache_audio:
+                self._cache[i] = wav
+            return i, wav
         raise RuntimeError(
             f"{MAX_SUBSTITUTES + 1} utterances in a row could not be read (last tried: "
             f"{self.rows[i].path}); the corpus looks broken, re-run speechvq-prepare"
@@ -155,7 +167,8 @@ class CropDataset(torch.utils.data.Dataset):
             wav = wav[start : start + self.crop_samples].clone()
             n = self.crop_samples
         else:
-            wav = torch.cat([wav, wav.new_zeros(self.crop_samples - n)])
+            wav = torch.cat([wav, wav.new_zeros(self.crop_samples - n)])  # a new tensor: the
+            # cached waveform is never written to
         feats = self._front(wav, row.speaker, n)
         return _item(row, wav, feats, self._speaker_ids[row.speaker], n)
 

@@ -138,6 +138,9 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: Lloyd iterations of that k-means.
         dead_threshold: restart codes whose EMA usage count (frames per step, summed over ranks)
             is below this; 0 disables restarts.
+        normalize: l2-normalise the latents and the codes (cosine-similarity lookup, as in
+            ViT-VQGAN / DAC's factorised codes): the code says which direction, not how loud, and
+            a low-dimensional unit sphere keeps most codes in use.
     """
 
     def __init__(
@@ -150,9 +153,11 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         dead_threshold: float = 1.0,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         self.n_codes, self.dim, self.ema = n_codes, dim, ema
+        self.normalize = normalize
         self.decay, self.epsilon = decay, epsilon
         self.kmeans_iters, self.dead_threshold = kmeans_iters, dead_threshold
         codebook = torch.empty(n_codes, dim).uniform_(-1.0 / n_codes, 1.0 / n_codes)
@@ -166,20 +171,31 @@ class VectorQuantizer(nn.Module):
 
     # ---- lookup
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The latents as the codebook sees them: l2-normalised when ``normalize``."""
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+    def _codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1) if self.normalize else self.codebook
+
+    def decode_codes(self) -> torch.Tensor:
+        """The codebook as the lookup uses it: (K, D) (unit rows when ``normalize``)."""
+        return self._codes().detach()
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, D) -> nearest code index (N,) long."""
-        return sq_distances(x, self.codebook.detach()).argmin(1)
+        """x: (N, D) (already through ``_prepare``) -> nearest code index (N,) long."""
+        return sq_distances(x, self._codes().detach()).argmin(1)
 
     def dequantize(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices: (...) long -> codes (..., D) fp32."""
-        return F.embedding(indices, self.codebook)
+        """indices: (...) long -> codes (..., D) fp32 (unit-norm when ``normalize``)."""
+        return F.embedding(indices, self._codes())
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """z: (B, D, T) -> indices (B, T) long. Indices at padded frames are computed anyway
         (``mask`` is accepted for symmetry with ``forward`` and does not change the result)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            x = z.float().transpose(1, 2).reshape(-1, self.dim)
+            x = self._prepare(z.float().transpose(1, 2).reshape(-1, self.dim))
             return self.quantize(x).view(z.shape[0], z.shape[2])
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
@@ -262,7 +278,7 @@ class VectorQuantizer(nn.Module):
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             B, D, T = z.shape
-            x = z.float().transpose(1, 2).reshape(B * T, D)
+            x = self._prepare(z.float().transpose(1, 2).reshape(B * T, D))
             valid = torch.ones(B * T, dtype=torch.bool, device=z.device)
             if mask is not None:
                 valid = mask.reshape(B * T).to(torch.bool)
