@@ -60,6 +60,13 @@ class VQVAETask:
                                  required=mel, out_dir=out_dir, progress=progress)
         sample_rate = int(self.features["sample_rate"])
         feats_cfg = self.features if mel else None
+        if int(self.model.samples_per_unit) != UNIT_HOP:
+            # the datasets crop, pad and mask in whole 20 ms units of 320 samples
+            raise ValueError(
+                f"the model has {self.model.samples_per_unit} samples per unit but the datasets "
+                f"work in units of {UNIT_HOP} (16 kHz, hop 160, 2x downsampling): "
+                "features.hop_length/sample_rate or the wave strides were changed"
+            )
         self.train_set = CropDataset(train_rows, self.speakers, self.stats, feats_cfg,
                                      crop_seconds=float(data["crop_seconds"]),
                                      sample_rate=sample_rate, seed=int(cfg["seed"]),
