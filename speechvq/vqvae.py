@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from speechvq.checkpoint import CheckpointError, load_checkpoint
+from speechvq.checkpoint import load_checkpoint, load_model_state
 from speechvq.nn.decoder import MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
 from speechvq.nn.encoder import MelEncoder, WaveEncoder
 from speechvq.nn.quantizer import VectorQuantizer
@@ -198,19 +198,8 @@ def load_vqvae(
     )
     cfg = ckpt["model_config"]
     model = build_vqvae(cfg["model"], cfg["quantizer"], int(cfg["n_speakers"]))
-    state = {_strip_wrappers(k): v for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(path, f"weights do not match its model_config: {err}") from err
+    load_model_state(model, ckpt, path)
     return model.to(map_location).eval(), dict(ckpt["meta"] or {})
-
-
-def _strip_wrappers(key: str) -> str:
-    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes from a state-dict key."""
-    for prefix in ("module.", "_orig_mod."):
-        key = key.removeprefix(prefix)
-    return key
 
 
 __all__ = ["VQVAE", "build_vqvae", "load_vqvae", "LOSS_NAMES", "STAT_NAMES"]
