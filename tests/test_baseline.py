@@ -30,12 +30,6 @@ PHONES = {"a": 500.0, "e": 1500.0, "i": 3000.0}  # one tone per "phone"
 SPEAKERS = {"s1": 1.0, "s2": 1.12, "s3": 0.9}  # a speaker shifts every tone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _features() -> dict:

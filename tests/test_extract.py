@@ -35,13 +35,6 @@ FORMATS = {"gslm": "units.txt", "kaldi": "units.kaldi", "npy": "units.npz",
 # ---------------------------------------------------------------- fixtures: a tiny model, audio
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions are dominated by thread synchronisation on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_config(kind: str) -> dict:

@@ -45,13 +45,6 @@ TINY_PRIOR = dict(block_size=256, n_layer=2, n_head=2, n_embd=32, dropout=0.0, b
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _features() -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))

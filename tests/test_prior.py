@@ -11,15 +11,6 @@ import torch
 from speechvq.nn.prior import Prior, filter_logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prior(n_codes=16, n_speakers=3, block_size=48, **kw) -> Prior:
     torch.manual_seed(0)
     cfg = dict(
