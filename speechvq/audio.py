@@ -112,8 +112,13 @@ def inspect_audio(path: PathLike, sample_rate: int = 16000, min_seconds: float =
     """Fully decode ``path`` as :func:`load_audio` does and describe it (same errors).
 
     ``num_samples`` is the length :func:`load_audio` returns, so a manifest built from it is exact.
+    Digital silence (every sample 0) is refused too: it teaches a corpus nothing and skews the
+    per-speaker feature statistics.
     """
-    return _load(path, sample_rate, min_seconds)[1]
+    wav, info = _load(path, sample_rate, min_seconds)
+    if not bool(wav.any()):
+        raise AudioError(path, "silent: every sample is 0")
+    return info
 
 
 def save_audio(path: PathLike, wav: torch.Tensor | np.ndarray, sample_rate: int) -> None:

@@ -129,3 +129,14 @@ def test_flac_cut_at_a_frame_boundary_is_truncated(tmp_path, monkeypatch):
     monkeypatch.setattr(audio.sf, "SoundFile", Short)
     with pytest.raises(AudioError, match="truncated"):
         load_audio(path, SR)
+
+
+def test_digital_silence_is_refused_by_inspection_only(tmp_path):
+    # prepare inspects every file: an all-zero file is rejected with a reason naming it; loading
+    # it (e.g. during extraction) still works, so units can be asked of anything.
+    path = tmp_path / "silent.wav"
+    sf.write(path, np.zeros(SR, dtype=np.float32), SR)
+    with pytest.raises(AudioError, match="silent") as err:
+        inspect_audio(path, SR)
+    assert str(path) in str(err.value)
+    assert load_audio(path, SR).abs().sum() == 0
