@@ -10,12 +10,14 @@ from speechvq.data.alignments import (
     frame_labels,
     intervals_from_frames,
     load_alignments,
+    match_alignments,
     read_frame_tsv,
     read_phn,
     read_textgrid,
     write_frame_tsv,
     write_phn,
 )
+from speechvq.data.manifest import ManifestRow
 
 # Boundaries sit between frame starts and frame centres, so a labeller that samples frame i at
 # i / rate (start) or (i + 1) / rate (end) instead of (i + 0.5) / rate gives different labels.
@@ -89,11 +91,21 @@ def test_phn_errors_name_file_and_line(tmp_path, text, line, match):
     assert f"{path}:{line}:" in str(err.value)
 
 
-def test_phn_refuses_timit_sample_indices(tmp_path):
-    path = tmp_path / "SA1.phn"
+def test_phn_converts_timit_sample_indices(tmp_path):
+    path = tmp_path / "SA1.PHN"
     path.write_text("0 3050 h#\n3050 4559 sh\n4559 5723 ix\n")
-    with pytest.raises(AlignmentError, match="sample indices"):
-        read_phn(path)
+    assert read_phn(path) == [
+        Interval(0.0, 3050 / 16000, "h#"),
+        Interval(3050 / 16000, 4559 / 16000, "sh"),
+        Interval(4559 / 16000, 5723 / 16000, "ix"),
+    ]
+    assert read_phn(path, sample_rate=8000)[-1] == Interval(4559 / 8000, 5723 / 8000, "ix")
+    # integer seconds (short) and float seconds are seconds
+    path.write_text("0 1 sil\n1 2 a\n")
+    assert read_phn(path) == [Interval(0, 1, "sil"), Interval(1, 2, "a")]
+    path.write_text("0 1500.5 sil\n")
+    assert read_phn(path) == [Interval(0, 1500.5, "sil")]
+    assert load_alignments(path) == {"SA1": [Interval(0, 1500.5, "sil")]}
 
 
 LONG_TEXTGRID = """File type = "ooTextFile"
@@ -253,12 +265,73 @@ def test_load_alignments_folder(tmp_path):
     assert sorted(found) == ["u1", "u2"]
     assert found["u1"] == ABC_100HZ and found["u2"] == EXPECTED_PHONES
     assert load_alignments(tmp_path / "a" / "u1.phn") == {"u1": ABC_100HZ}
-    write_phn(tmp_path / "u1.phn", ABC_50HZ)
+    # a stem in two folders (any case): those files are keyed by relative path, others by stem
+    write_phn(tmp_path / "U1.PHN", ABC_50HZ)
+    assert sorted(load_alignments(tmp_path)) == ["U1", "a/u1", "u2"]
+    (tmp_path / "U1.textgrid").write_text(LONG_TEXTGRID)
     with pytest.raises(AlignmentError, match="also aligned"):
         load_alignments(tmp_path)
+    (tmp_path / "U1.textgrid").unlink()
+    # unreadable files: fatal by default, reported and skipped with on_error
+    (tmp_path / "a" / "broken.phn").write_text("0 x sil\n")
+    with pytest.raises(AlignmentError, match="broken.phn:1:"):
+        load_alignments(tmp_path)
+    errors: list[AlignmentError] = []
+    assert sorted(load_alignments(tmp_path, on_error=errors.append)) == ["U1", "a/u1", "u2"]
+    assert [e.path for e in errors] == [str(tmp_path / "a" / "broken.phn")]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(AlignmentError, match="no .phn or .TextGrid"):
         load_alignments(empty)
     with pytest.raises(AlignmentError, match="does not exist"):
         load_alignments(tmp_path / "missing.phn")
+
+
+def _row(utt: str, path: str, speaker: str) -> ManifestRow:
+    return ManifestRow(utt, path, 16000, speaker)
+
+
+def _one(label: str) -> list[Interval]:
+    return [Interval(0.0, 1.0, label)]
+
+
+def test_match_alignments_by_id_stem_and_speaker_prefix():
+    alignments = {"spk_u1": _one("id"), "u2": _one("stem"), "U3": _one("ci"), "u4": _one("x")}
+    rows = [
+        _row("spk_u1", "/c/spk/other.wav", "spk"),  # exact id beats the stem
+        _row("spk_u2", "/c/spk/u2.wav", "spk"),  # stem
+        _row("spk_u3", "/c/spk/u3.flac", "spk"),  # stem, case-insensitive
+        _row("spk_u5", "/c/spk/u5.wav", "spk"),  # nothing
+        _row("spk_u4", "/cache/0001.wav", "spk"),  # id minus its speaker prefix
+    ]
+    found = match_alignments(alignments, rows)
+    assert list(found) == ["spk_u1", "spk_u2", "spk_u3", "spk_u4"]  # row order, no spk_u5
+    assert [v[0].label for v in found.values()] == ["id", "stem", "ci", "x"]
+    # <speaker>_<stem> keys, e.g. another prepare's OUT/alignments, for rows with other ids
+    found = match_alignments({"s1_a": _one("a")}, [_row("dr1_s1_a", "/c/dr1/s1/a.wav", "s1")])
+    assert found == {"dr1_s1_a": _one("a")}
+
+
+def test_match_alignments_resolves_timit_sa1_by_path():
+    # load_alignments keys TIMIT's repeated stems by relative path; si1027 by its unique stem
+    alignments = {
+        "dr1/fcjf0/sa1": _one("f"),
+        "dr1/mdab0/sa1": _one("m"),
+        "si1027": _one("si"),
+    }
+    rows = [
+        _row("DR1_FCJF0_SA1", "/t/TRAIN/DR1/FCJF0/SA1.WAV", "FCJF0"),
+        _row("dr1_mdab0_sa1", "/t/train/dr1/mdab0/sa1.wav", "mdab0"),
+        _row("dr2_x_sa1", "/t/train/dr2/x/sa1.wav", "x"),  # no alignment: not guessed
+        _row("dr1_fcjf0_si1027", "/t/train/dr1/fcjf0/si1027.wav", "fcjf0"),
+    ]
+    found = match_alignments(alignments, rows)
+    assert {k: v[0].label for k, v in found.items()} == {
+        "DR1_FCJF0_SA1": "f",
+        "dr1_mdab0_sa1": "m",
+        "dr1_fcjf0_si1027": "si",
+    }
+    # one key "sa1" and several rows with that stem: ambiguous, nobody gets it
+    assert match_alignments({"sa1": _one("?")}, rows[:2]) == {}
+    # ... but a single row with that stem does
+    assert match_alignments({"sa1": _one("1")}, rows[:1]) == {"DR1_FCJF0_SA1": _one("1")}

@@ -227,3 +227,128 @@ def test_shipped_mini_corpus(tmp_path):
         r.id for s in ("train", "valid", "test") for r in read_manifest(tmp_path / f"{s}.tsv")
     ]
     assert sorted(split_ids) == sorted(r.id for r in rows)
+
+
+# --- your own labelled corpus: alignments beside the audio or in data.alignments ---------------
+
+TIMIT_PHN = "0 3050 h#\n3050 4559 sh\n4559 {end} ix\n"  # sample indices at 16 kHz
+TEXTGRID = """File type = "ooTextFile"
+Object class = "TextGrid"
+
+xmin = 0
+xmax = 0.3
+tiers? <exists>
+size = 1
+item []:
+    item [1]:
+        class = "IntervalTier"
+        name = "phones"
+        xmin = 0
+        xmax = 0.3
+        intervals: size = 2
+        intervals [1]:
+            xmin = 0
+            xmax = 0.1
+            text = ""
+        intervals [2]:
+            xmin = 0.1
+            xmax = 0.3
+            text = "AH0"
+"""
+
+
+def _phn_lines(path: Path) -> list[tuple[float, float, str]]:
+    out = []
+    for line in path.read_text().splitlines():
+        start, end, label = line.split()
+        out.append((float(start), float(end), label))
+    return out
+
+
+def _timit(root: Path, rng: np.random.Generator) -> None:
+    """``DR1/<SPK>/SA1.WAV`` (NIST SPHERE, upper case) + ``SA1.PHN`` in samples for 2 speakers,
+    ``SI1027`` for one; one speaker's SX3 has a broken .PHN; MDAB0's SA2 none."""
+    for i, spk in enumerate(("FCJF0", "MDAB0")):
+        folder = root / "TRAIN" / "DR1" / spk
+        folder.mkdir(parents=True)
+        for utt in ("SA1", "SA2", "SX3") + (("SI1027",) if i == 0 else ()):
+            n = 6000 + 400 * i
+            sf.write(folder / f"{utt}.WAV", _signal(rng, n), SR, format="NIST", subtype="PCM_16")
+            if (spk, utt) != ("MDAB0", "SA2"):
+                (folder / f"{utt}.PHN").write_text(TIMIT_PHN.format(end=n))
+        (folder / "SX3.PHN").write_text("0 3050\n")  # two fields: reported and skipped
+        (folder / "SA1.WRD").write_text("0 3050 she\n")  # not an alignment
+
+
+def test_prepare_folder_timit_layout_alignments_beside_audio(tmp_path):
+    root, out = tmp_path / "timit", tmp_path / "out"
+    _timit(root, np.random.default_rng(2))
+    proc = subprocess.run(
+        [str(PREPARE), "data=folder", f"data.root={root}", f"out_dir={out}", "stats=false"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "alignments: 4 of 7 utterances" in proc.stdout
+    output = proc.stdout + proc.stderr
+    assert "SX3.PHN:1:" in output and "3 fields" in output  # file and reason, not fatal
+    rows = {r.id: r for r in read_manifest(out / "manifest.tsv")}
+    assert len(rows) == 7 and rows["TRAIN_DR1_MDAB0_SA1"].speaker == "MDAB0"
+    written = sorted(p.stem for p in (out / "alignments").iterdir())
+    assert written == [
+        "TRAIN_DR1_FCJF0_SA1", "TRAIN_DR1_FCJF0_SA2", "TRAIN_DR1_FCJF0_SI1027",
+        "TRAIN_DR1_MDAB0_SA1",
+    ]
+    # seconds, each from its own speaker's file (the ends differ: 6000 vs 6400 samples)
+    assert _phn_lines(out / "alignments" / "TRAIN_DR1_FCJF0_SA1.phn") == [
+        (0.0, 3050 / SR, "h#"), (3050 / SR, 4559 / SR, "sh"), (4559 / SR, 6000 / SR, "ix")
+    ]
+    assert _phn_lines(out / "alignments" / "TRAIN_DR1_MDAB0_SA1.phn")[-1][1] == 6400 / SR
+
+
+def test_prepare_folder_mfa_layout_textgrid_beside_audio(tmp_path, capsys):
+    root, out = tmp_path / "mfa", tmp_path / "out"
+    rng = np.random.default_rng(3)
+    for spk in ("s1", "s2"):
+        (root / spk).mkdir(parents=True)
+        for utt in ("a", "b"):
+            sf.write(root / spk / f"{utt}.wav", _signal(rng, 4800), SR)
+        (root / spk / "a.TextGrid").write_text(TEXTGRID)
+    prepare.run(_cfg("data=folder", f"data.root={root}", f"out_dir={out}", "stats=false"))
+    assert "alignments: 2 of 4 utterances" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "alignments").iterdir()) == ["s1_a.phn", "s2_a.phn"]
+    assert _phn_lines(out / "alignments" / "s2_a.phn") == [(0, 0.1, "sil"), (0.1, 0.3, "AH")]
+
+
+def test_prepare_folder_alignments_dir_realdev_layout(tmp_path, capsys):
+    """``wav/<spk>/<utt>.wav`` with ``ali/<utt>.phn`` named by file stem (seconds or samples)."""
+    root, ali, out = tmp_path / "wav", tmp_path / "ali", tmp_path / "out"
+    rng = np.random.default_rng(4)
+    ali.mkdir()
+    for spk in ("alice", "bob"):
+        (root / spk).mkdir(parents=True)
+        for utt in (f"{spk}01", f"{spk}02"):
+            sf.write(root / spk / f"{utt}.wav", _signal(rng, 4800), SR)
+    (ali / "alice01.phn").write_text("0 0.1 sil\n0.1 0.3 AA1\n")
+    (ali / "sub").mkdir()
+    (ali / "sub" / "BOB02.PHN").write_text("0 1600 sil\n1600 4800 b\n")
+    (ali / "carol01.phn").write_text("0 0.2 sil\n")  # no such utterance
+    (ali / "bob01.phn").write_text("0.3 0.1 sil\n")  # end before start: skipped
+    prepare.run(_cfg(
+        "data=folder", f"data.root={root}", f"out_dir={out}", f"data.alignments={ali}",
+        "stats=false",
+    ))
+    summary = capsys.readouterr().out
+    assert "alignments: 2 of 4 utterances" in summary and "1 alignment file(s)" in summary
+    assert sorted(p.name for p in (out / "alignments").iterdir()) == [
+        "alice_alice01.phn", "bob_bob02.phn"
+    ]
+    assert _phn_lines(out / "alignments" / "alice_alice01.phn") == [(0, 0.1, "sil"), (0.1, 0.3, "AA")]
+    assert _phn_lines(out / "alignments" / "bob_bob02.phn") == [(0, 0.1, "sil"), (0.1, 0.3, "b")]
+
+    with pytest.raises(StageError, match="data.alignments"):
+        prepare.run(_cfg(
+            "data=folder", f"data.root={root}", f"out_dir={out}",
+            f"data.alignments={tmp_path / 'missing'}", "stats=false",
+        ))

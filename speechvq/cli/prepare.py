@@ -20,9 +20,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.data.alignments import (
+    AlignmentError,
+    Interval,
+    load_alignments,
+    match_alignments,
+    write_phn,
+)
 from speechvq.data.folder import (
     SPLITS,
     Candidate,
+    alignments_beside,
     folder_candidates,
     inspect_candidates,
     librispeech_candidates,
@@ -57,9 +65,10 @@ def _write_outputs(
     splits: Mapping[str, list[ManifestRow]] | None,
     rejected: list[tuple[str, str]],
     notes: Counter,
+    extra: Sequence[str] = (),
 ) -> None:
     """Stats, splits, rejected.tsv and, last (it marks the stage done), manifest.tsv; then a
-    summary on stdout."""
+    summary on stdout (``extra`` lines included)."""
     stats = None
     if cfg.stats:
         stats_rows = splits["train"] if splits is not None else rows
@@ -90,6 +99,7 @@ def _write_outputs(
     if splits is not None:
         sizes = ", ".join(f"{k} {len(v)} ({len(speakers_of(v))} spk)" for k, v in splits.items())
         lines.append(f"splits: {sizes}")
+    lines.extend(extra)
     if notes:
         lines.append("converted: " + ", ".join(f"{n} {what}" for what, n in sorted(notes.items())))
     where = f" (listed in {out_dir / 'rejected.tsv'})" if rejected else ""
@@ -101,8 +111,74 @@ def _write_outputs(
     print("\n".join(lines), flush=True)
 
 
+def _read_folder_alignments(
+    data: DictConfig, rows: Sequence[ManifestRow], problems: list[AlignmentError]
+) -> dict[str, list[Interval]]:
+    """``{row id: intervals}`` from ``data.alignments`` (matched with ``match_alignments``) or,
+    without it, from the ``.phn``/``.TextGrid`` file beside each audio file. Files that cannot
+    be read are appended to ``problems`` and skipped; a missing ``data.alignments`` is an error."""
+    tier = str(data.get("alignment_tier") or "phones")
+    rate = int(data.get("alignment_sample_rate") or 16000)
+    if data.get("alignments"):
+        src = Path(str(data.alignments)).expanduser()
+        if not src.exists():
+            raise StageError(f"{src}: data.alignments does not exist")
+        try:
+            if src.is_dir():  # with on_error, only a layout problem raises: no files, a clash
+                loaded = load_alignments(src, tier, rate, on_error=problems.append)
+            else:
+                loaded = load_alignments(src, tier, rate)
+        except AlignmentError as err:
+            if src.is_dir():
+                raise StageError(f"data.alignments: {err}") from None
+            problems.append(err)  # one .phn/.TextGrid or a frame TSV that cannot be parsed
+            return {}
+        return match_alignments(loaded, rows)
+    found: dict[str, list[Interval]] = {}
+    beside = alignments_beside(r.path for r in rows)
+    for row in rows:
+        if row.path in beside:
+            try:
+                (found[row.id],) = load_alignments(beside[row.path], tier, rate).values()
+            except AlignmentError as err:
+                problems.append(err)
+    return found
+
+
+def _write_folder_alignments(data: DictConfig, out_dir: Path, rows: Sequence[ManifestRow]) -> str:
+    """Write OUT/alignments/<id>.phn (seconds) for every row with an alignment; the summary line.
+
+    Unreadable or unwritable alignments are logged (file and reason) and skipped."""
+    problems: list[AlignmentError] = []
+    found = _read_folder_alignments(data, rows, problems)
+    written = 0
+    for row in rows:
+        if row.id not in found:
+            continue
+        target = out_dir / "alignments" / f"{row.id}.phn"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_phn(target, found[row.id])
+            written += 1
+        except ValueError as err:
+            problems.append(AlignmentError(target, str(err)))
+    for err in problems:
+        log.warning("skipping alignment %s", err)
+    line = f"alignments: {written} of {len(rows)} utterances"
+    if written:
+        line += f" -> {out_dir / 'alignments'}"
+    if problems:
+        line += f" ({len(problems)} alignment file(s) could not be read, see the log)"
+    if data.get("alignments") and not written:
+        log.warning(
+            "no alignment in %s matches an utterance id or audio file stem", data.alignments
+        )
+    return line
+
+
 def prepare_folder(cfg: DictConfig, out_dir: Path) -> None:
-    """``data=folder``: every .wav/.flac under ``data.root``."""
+    """``data=folder``: every .wav/.flac under ``data.root``, with the alignments in
+    ``data.alignments`` or beside the audio written to OUT/alignments/."""
     if OmegaConf.is_missing(cfg.data, "root") or not cfg.data.root:
         raise StageError("data.root is required: speechvq-prepare data=folder data.root=DIR ...")
     root = Path(cfg.data.root).expanduser()
@@ -134,7 +210,8 @@ def prepare_folder(cfg: DictConfig, out_dir: Path) -> None:
             splits = split_rows(rows, by, valid, test, seed)
         except ValueError as err:
             raise StageError(f"{root}: {err}") from None
-    _write_outputs(cfg, out_dir, rows, splits, rejected, notes)
+    extra = _write_folder_alignments(cfg.data, out_dir, rows)
+    _write_outputs(cfg, out_dir, rows, splits, rejected, notes, extra=[extra])
 
 
 def _mini_root(cfg: DictConfig, out_dir: Path) -> Path:

@@ -1,6 +1,7 @@
 """Phone alignments: read ``.phn``, Praat/MFA TextGrid and frame-TSV files; label frames.
 
-Three on-disk formats are understood, one utterance id per file stem (or per TSV row):
+Three on-disk formats are understood, one utterance per file (or per TSV row); a file's key is
+its stem (see :func:`alignment_files`) and :func:`match_alignments` pairs keys with manifest rows:
 
 ``.phn``
     One interval per line, ``start end phone``, times in seconds, whitespace separated::
@@ -10,8 +11,9 @@ Three on-disk formats are understood, one utterance id per file stem (or per TSV
 
     Blank lines and lines starting with ``#`` are skipped. Intervals must be in order and must
     not overlap; gaps are allowed (they count as silence). This is what the mini corpus ships
-    beside every FLAC (see :mod:`speechvq.data.synth`). TIMIT-style files holding sample indices
-    are refused with a hint rather than read as hours-long utterances.
+    beside every FLAC (see :mod:`speechvq.data.synth`). TIMIT-style files of integer sample
+    indices (``0 3050 h#``: every time an integer, the last end above 1000) are recognised and
+    divided by the sample rate (16 kHz unless told otherwise). Suffixes match in any case.
 
 TextGrid (``.TextGrid``)
     Praat's text format, long (the normal Montreal Forced Aligner output) or short. The tier
@@ -43,17 +45,25 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from speechvq.data.manifest import ManifestRow
 
 __all__ = [
+    "SAMPLE_INDEX_MIN",
     "SILENCE_LABELS",
     "AlignmentError",
     "Interval",
+    "alignment_files",
     "frame_labels",
     "intervals_from_frames",
     "load_alignments",
+    "match_alignments",
     "read_frame_tsv",
     "read_phn",
     "read_textgrid",
@@ -69,6 +79,10 @@ SILENCE_LABELS = frozenset({"sil", "sp", "spn", "pau", ""})
 _EPS = 1e-9
 _STRESS = re.compile(r"(?<=[A-Za-z])\d+$")
 _TEXTGRID_SUFFIXES = (".textgrid",)
+_ALIGNMENT_SUFFIXES = (".phn", *_TEXTGRID_SUFFIXES)
+
+#: A ``.phn`` file of integers whose last end exceeds this holds sample indices, not seconds.
+SAMPLE_INDEX_MIN = 1000
 
 
 class AlignmentError(ValueError):
@@ -117,11 +131,16 @@ def _check_order(path: str | os.PathLike, intervals: list[Interval], lines: list
 # .phn
 
 
-def read_phn(path: str | os.PathLike, strip_stress: bool = True) -> list[Interval]:
-    """Read a ``start end phone`` file (seconds). Stress digits are stripped unless told not to.
+def read_phn(
+    path: str | os.PathLike, strip_stress: bool = True, sample_rate: int = 16000
+) -> list[Interval]:
+    """Read a ``start end phone`` file as intervals in seconds; stress digits are stripped
+    unless told not to.
 
-    Raises :class:`AlignmentError` naming ``path:line`` for a malformed line, unordered or
-    overlapping intervals, or a file that looks like TIMIT sample indices.
+    Times are seconds, except in a TIMIT-style file of sample indices (every time an integer
+    and the last end above :data:`SAMPLE_INDEX_MIN`, far longer than any utterance in seconds),
+    whose times are divided by ``sample_rate``. Raises :class:`AlignmentError` naming
+    ``path:line`` for a malformed line or unordered or overlapping intervals.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -149,12 +168,12 @@ def read_phn(path: str | os.PathLike, strip_stress: bool = True) -> list[Interva
         label = _strip_stress(fields[2]) if strip_stress else fields[2]
         intervals.append(Interval(start, end, label))
         lines.append(lineno)
-    if intervals and all_integer and intervals[-1].end > 3600:
-        raise AlignmentError(
-            path,
-            f"times look like sample indices (last end {intervals[-1].end:g}), as in TIMIT .PHN "
-            "files; .phn files here hold seconds: divide by the sample rate first",
-        )
+    if intervals and all_integer and intervals[-1].end > SAMPLE_INDEX_MIN:
+        if sample_rate <= 0:
+            raise AlignmentError(path, f"sample_rate must be positive, got {sample_rate}")
+        intervals = [
+            Interval(iv.start / sample_rate, iv.end / sample_rate, iv.label) for iv in intervals
+        ]
     _check_order(path, intervals, lines)
     return intervals
 
@@ -396,36 +415,66 @@ def intervals_from_frames(labels: Sequence[str], frame_rate: float) -> list[Inte
 # loading a corpus' alignments and labelling frames
 
 
-def _read_one(path: Path, tier: str) -> list[Interval]:
+def _read_one(path: Path, tier: str, sample_rate: int = 16000) -> list[Interval]:
     if path.suffix.lower() in _TEXTGRID_SUFFIXES:
         return read_textgrid(path, tier=tier)
-    return read_phn(path)
+    return read_phn(path, sample_rate=sample_rate)
 
 
-def load_alignments(path: str | os.PathLike, tier: str = "phones") -> dict[str, list[Interval]]:
-    """Alignments by utterance id from a folder, one ``.phn``/``.TextGrid`` file, or a frame TSV.
+def alignment_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Every ``.phn``/``.TextGrid`` file under ``folder`` (recursively, suffix in any case) by key.
 
-    A folder is searched recursively for ``*.phn`` and ``*.TextGrid`` files; the utterance id is
-    the file stem. Two files with the same stem are an error naming both.
+    A file's key is its stem when no other file's stem equals it (ignoring case), else its path
+    relative to ``folder`` without suffix (``dr1/fcjf0/sa1``), as TIMIT's layout needs. Two
+    files with the same key (``u1.phn`` beside ``u1.TextGrid``) raise :class:`AlignmentError`.
+    """
+    folder = Path(folder)
+    files = sorted(
+        f for f in folder.rglob("*") if f.suffix.lower() in _ALIGNMENT_SUFFIXES and f.is_file()
+    )
+    stems = Counter(f.stem.lower() for f in files)
+    found: dict[str, Path] = {}
+    for f in files:
+        rel = f.relative_to(folder).with_suffix("").as_posix()
+        key = f.stem if stems[f.stem.lower()] == 1 else rel
+        if key in found:
+            raise AlignmentError(f, f"utterance id {key!r} also aligned in {found[key]}")
+        found[key] = f
+    return found
+
+
+def load_alignments(
+    path: str | os.PathLike,
+    tier: str = "phones",
+    sample_rate: int = 16000,
+    on_error: Callable[[AlignmentError], None] | None = None,
+) -> dict[str, list[Interval]]:
+    """Alignments by key from a folder, one ``.phn``/``.TextGrid`` file, or a frame TSV.
+
+    A folder is searched recursively and keyed as :func:`alignment_files` keys it: by file stem,
+    or by relative path without suffix where stems repeat (match keys to manifest rows with
+    :func:`match_alignments`). ``sample_rate`` converts ``.phn`` files of sample indices (see
+    :func:`read_phn`). A file that cannot be read raises :class:`AlignmentError`, unless
+    ``on_error`` is given: then it is called with the error and the file is skipped.
     """
     path = Path(path)
     if path.is_dir():
-        found: dict[str, list[Interval]] = {}
-        origin: dict[str, Path] = {}
-        for f in sorted(path.rglob("*")):
-            if not f.is_file() or f.suffix.lower() not in (".phn", *_TEXTGRID_SUFFIXES):
-                continue
-            if f.stem in origin:
-                raise AlignmentError(f, f"utterance id {f.stem!r} also aligned in {origin[f.stem]}")
-            origin[f.stem] = f
-            found[f.stem] = _read_one(f, tier)
-        if not found:
+        files = alignment_files(path)
+        if not files:
             raise AlignmentError(path, "no .phn or .TextGrid files found in this folder")
+        found: dict[str, list[Interval]] = {}
+        for key, f in files.items():
+            try:
+                found[key] = _read_one(f, tier, sample_rate)
+            except AlignmentError as err:
+                if on_error is None:
+                    raise
+                on_error(err)
         return found
     if not path.exists():
         raise AlignmentError(path, "alignment path does not exist")
-    if path.suffix.lower() in (".phn", *_TEXTGRID_SUFFIXES):
-        return {path.stem: _read_one(path, tier)}
+    if path.suffix.lower() in _ALIGNMENT_SUFFIXES:
+        return {path.stem: _read_one(path, tier, sample_rate)}
     return {
         utt: intervals_from_frames(labels, rate)
         for utt, (rate, labels) in _read_frame_rows(path).items()
@@ -464,3 +513,78 @@ def frame_labels(
         else:
             out.append(silence)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# matching alignments to manifest rows
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    return tuple(p.lower() for p in PurePosixPath(text.replace("\\", "/")).parts)
+
+
+def _by_path(path: str, keys: Sequence[str]) -> str | None:
+    """The one key of two or more parts (``dr1/fcjf0/sa1``) that is the tail of ``path`` minus
+    its suffix, compared case-insensitively; the longest such key wins, a tie matches nothing."""
+    tail = _parts(Path(path).with_suffix("").as_posix())
+    hits = [k for k in keys if len(p := _parts(k)) > 1 and tail[-len(p):] == p]
+    if not hits:
+        return None
+    longest = max(len(_parts(k)) for k in hits)
+    best = [k for k in hits if len(_parts(k)) == longest]
+    return best[0] if len(best) == 1 else None
+
+
+def _by_speaker(row: ManifestRow, keys: Mapping[str, list[str]]) -> str | None:
+    """``<speaker>_<stem>`` and the id without its ``<speaker>_`` prefix, if one key matches."""
+    prefix = f"{row.speaker}_"
+    wanted = {f"{prefix}{Path(row.path).stem}".lower()}
+    if row.speaker and row.id.startswith(prefix) and len(row.id) > len(prefix):
+        wanted.add(row.id[len(prefix):].lower())
+    found = {k for w in wanted for k in keys.get(w, [])}
+    return found.pop() if len(found) == 1 else None
+
+
+def match_alignments(
+    alignments: Mapping[str, list[Interval]], rows: Sequence[ManifestRow]
+) -> dict[str, list[Interval]]:
+    """Each manifest row's alignment, keyed by row id; rows with no match are left out.
+
+    ``alignments`` is keyed as :func:`load_alignments` keys it: utterance ids, file stems or
+    relative paths without extension (``dr1/fcjf0/sa1``). A row (``.id``, ``.path``,
+    ``.speaker``) is matched, first rule that applies:
+
+    1. by its exact utterance id;
+    2. by the stem of its audio file (``Path(row.path).stem``) against the last part of each
+       key, exact else case-insensitive, when exactly one key and one row (of those not matched
+       by id; case ignored) have that stem. Otherwise the stem is ambiguous (TIMIT: every
+       speaker has ``sa1``) and a key of several parts that is the tail of the audio path
+       (minus suffix, case-insensitive) matches, the longest one if several do;
+    3. by ``<speaker>_<stem>``, or by the id stripped of its ``<speaker>_`` prefix, against the
+       keys (case-insensitive; ``/`` in keys read as ``_``), when exactly one key matches.
+    """
+    chosen: dict[str, str] = {r.id: r.id for r in rows if r.id in alignments}
+    pending = [r for r in rows if r.id not in chosen]
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    by_stem_ci: dict[str, list[str]] = defaultdict(list)
+    by_flat: dict[str, list[str]] = defaultdict(list)
+    for key in alignments:
+        leaf = PurePosixPath(key.replace("\\", "/")).name
+        by_stem[leaf].append(key)
+        by_stem_ci[leaf.lower()].append(key)
+        by_flat[key.replace("\\", "/").replace("/", "_").lower()].append(key)
+    stems = Counter(Path(r.path).stem.lower() for r in pending)
+    for row in pending:
+        stem = Path(row.path).stem
+        exact, keys = by_stem.get(stem, []), by_stem_ci.get(stem.lower(), [])
+        key = None
+        if stems[stem.lower()] == 1 and len(exact) == 1:
+            key = exact[0]
+        elif stems[stem.lower()] == 1 and len(keys) == 1:
+            key = keys[0]
+        elif keys:
+            key = _by_path(row.path, keys)
+        key = key or _by_speaker(row, by_flat)
+        if key is not None:
+            chosen[row.id] = key
+    return {r.id: list(alignments[chosen[r.id]]) for r in rows if r.id in chosen}

@@ -27,6 +27,7 @@ from speechvq.data.manifest import ManifestRow, write_text_atomic
 log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
+ALIGNMENT_SUFFIXES = (".phn", ".textgrid")
 SPEAKER_MODES = ("parent", "grandparent", "regex")
 SPLIT_MODES = ("none", "speaker", "utterance")
 SPLITS = ("train", "valid", "test")
@@ -56,6 +57,42 @@ def find_audio(root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENS
         visited.add(real)
         found.extend(Path(dirpath, f) for f in filenames if f.lower().endswith(exts))
     return sorted(found)
+
+
+def alignments_beside(
+    audio_paths: Iterable[str | os.PathLike], suffixes: Sequence[str] = ALIGNMENT_SUFFIXES
+) -> dict[str, Path]:
+    """``{audio path: alignment file}`` for audio with a ``.phn``/``.TextGrid`` file beside it.
+
+    The alignment is in the audio's folder with the same stem (TIMIT's ``SA1.WAV`` +
+    ``SA1.PHN``, MFA's ``a.wav`` + ``a.TextGrid``); suffixes match in any case, the stem
+    exactly if such a file exists, else ignoring case. With several, the first suffix in
+    ``suffixes`` wins. Each folder is listed once.
+    """
+    wanted = tuple(s.lower() for s in suffixes)
+    by_dir: dict[Path, list[Path]] = defaultdict(list)
+    for p in audio_paths:
+        by_dir[Path(p).parent].append(Path(p))
+    found: dict[str, Path] = {}
+    for folder, audios in by_dir.items():
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        index: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in wanted:
+                index[stem.lower()].append((wanted.index(suffix.lower()), name))
+        for audio in audios:
+            # rank: exact stem first, then the suffix order, then the name (for determinism)
+            hits = [
+                (os.path.splitext(n)[0] != audio.stem, rank, n)
+                for rank, n in index.get(audio.stem.lower(), [])
+            ]
+            if hits:
+                found[str(audio)] = folder / min(hits)[2]
+    return found
 
 
 def _clean(name: str) -> str:
