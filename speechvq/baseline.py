@@ -162,6 +162,14 @@ class MfccKmeans:
         log.info("baseline: k-means with %d clusters on %d frames", k, len(x))
         return self
 
+    @property
+    def centroids(self) -> np.ndarray:
+        """The k-means centroids ``(K, D)`` float64, row ``i`` for unit ``i``, in the space the
+        k-means distance is computed in (standardised features when ``standardize``)."""
+        if self.kmeans is None:
+            raise RuntimeError("fit the baseline first")
+        return np.asarray(self.kmeans.cluster_centers_, dtype=np.float64)
+
     def _predict(self, feats: np.ndarray) -> np.ndarray:
         if self.kmeans is None:
             raise RuntimeError("fit the baseline first")

@@ -17,6 +17,9 @@ Definitions (see ``reference.md``):
   speaker, X from another (up to ``max_x_speakers`` of them, like libri-light's ``max_x_across``);
   each (context, phone, speaker) cell is capped at ``max_per_cell`` items by a seeded sampler
   (libri-light's ``max_size_group``), which bounds the DTW work;
+- code-vector ABX (ZeroSpeech 2019): the same, with each frame its unit's embedding (a VQ-VAE's
+  code vector, a k-means centroid) and the angle between those vectors; one-hot frames are the
+  identity embedding. The K x K angles are computed once (:func:`angular_distances`);
 - bitrate (ZeroSpeech 2019): symbols per second times the entropy (bits) of the symbol
   distribution, on units deduplicated per utterance (a run of one unit is one symbol), over the
   utterances' total duration;
@@ -147,17 +150,68 @@ def prior_perplexity(total_nll: float, n_tokens: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# DTW over one-hot unit sequences
+# DTW over unit sequences: one-hot frames, or frames embedded as code vectors
+
+DISTANCE_BITS = 32  # angular distances are rounded to multiples of 2**-32 (see dtw_units)
+
+
+def angular_distances(embeddings: np.ndarray, chunk_bytes: int = 1 << 25) -> np.ndarray:
+    """Angle ``acos(cos_sim) / pi`` between every two rows of ``embeddings (K, D)``: ``(K, K)``.
+
+    Values lie in [0, 1]. Computed as ``2 atan2(|u - v|, |u + v|)`` of the unit-norm rows (Kahan),
+    which unlike ``acos`` stays exact near 0: parallel rows are at distance 0, so they tie, and
+    the diagonal is exactly 0 (as in one-hot). A zero row (e.g. a never-trained code) is at 0.5
+    from every non-zero row. Works in row blocks of about ``chunk_bytes``.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2 or not emb.size:
+        raise ValueError(f"embeddings must be a non-empty (K, D) table, got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings hold NaN or infinite values")
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    unit = emb / np.maximum(norms, np.finfo(np.float64).tiny)
+    k, d = unit.shape
+    out = np.empty((k, k), dtype=np.float64)
+    step = max(1, chunk_bytes // (8 * k * d))
+    for s in range(0, k, step):
+        block = unit[s : s + step, None, :]
+        out[s : s + step] = np.arctan2(
+            np.linalg.norm(block - unit[None], axis=-1), np.linalg.norm(block + unit[None], axis=-1)
+        )
+    out *= 2.0 / math.pi
+    np.fill_diagonal(out, 0.0)
+    return out
 
 
 def dtw_onehot(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], max_cells: int = 1 << 22) -> np.ndarray:
-    """libri-light's path-normalised DTW between unit sequences ``xs[k]`` and ``ys[k]``: ``(K,)``.
+    """:func:`dtw_units` with one-hot frames (distance 0 for equal units, 0.5 otherwise): ``(P,)``."""
+    return dtw_units(xs, ys, None, max_cells)
 
-    Frames are one-hot vectors, so the angular frame distance ``acos(cos) / pi`` is 0 where the
-    units are equal and 0.5 elsewhere. The DTW cost (steps: down, right, diagonal) is divided by
-    the length of the path found by libri-light's backtracking (diagonal preferred, then left).
-    Vectorised over pairs: each row of the cost matrix is one min-plus prefix scan.
+
+def dtw_units(
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    distances: np.ndarray | None = None,
+    max_cells: int = 1 << 22,
+) -> np.ndarray:
+    """libri-light's path-normalised DTW between unit sequences ``xs[p]`` and ``ys[p]``: ``(P,)``.
+
+    ``distances (K, K)``: frame distance between units ``i`` and ``j`` (e.g.
+    :func:`angular_distances` of the code vectors), looked up per frame pair; ``None``: one-hot
+    frames, whose angular distance is 0 where the units are equal and 0.5 elsewhere. The DTW cost
+    (steps: down, right, diagonal) is divided by the length of the path found by libri-light's
+    backtracking (diagonal preferred, then left). Costs are summed as exact integers (a table is
+    rounded to multiples of ``2**-DISTANCE_BITS``), so equal costs tie exactly whatever the
+    summation order. Vectorised over pairs: each row of the cost matrix is one min-plus scan.
     """
+    if distances is None:
+        table, scale = None, 0.5  # one-hot: mismatch counts, 0.5 each
+    else:
+        distances = np.asarray(distances, dtype=np.float64)
+        if distances.ndim != 2 or distances.shape[0] != distances.shape[1]:
+            raise ValueError(f"distances must be a (K, K) table, got shape {distances.shape}")
+        table = np.rint(distances * 2.0**DISTANCE_BITS).astype(np.int64)
+        scale = 2.0**-DISTANCE_BITS
     k = len(xs)
     out = np.zeros(k, dtype=np.float64)
     if k == 0:
@@ -166,6 +220,8 @@ def dtw_onehot(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], max_cells: in
     ny = np.array([len(y) for y in ys])
     if (nx == 0).any() or (ny == 0).any():
         raise ValueError("DTW needs non-empty sequences")
+    if table is not None:
+        _check_ids([*xs, *ys], len(table))
     order = np.lexsort((ny, nx))
     start = 0
     while start < k:
@@ -178,19 +234,37 @@ def dtw_onehot(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], max_cells: in
                 break
             n_max, m_max, stop = n2, m2, stop + 1
         idx = order[start:stop]
-        out[idx] = _dtw_batch([xs[i] for i in idx], [ys[i] for i in idx], n_max, m_max)
+        final, path = _dtw_batch([xs[i] for i in idx], [ys[i] for i in idx], n_max, m_max, table)
+        out[idx] = scale * final / path
         start = stop
     return out
 
 
-def _dtw_batch(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], n: int, m: int) -> np.ndarray:
+def _check_ids(seqs: Sequence[np.ndarray], n_units: int) -> None:
+    lo = min(int(np.min(s)) for s in seqs)
+    hi = max(int(np.max(s)) for s in seqs)
+    if lo < 0 or hi >= n_units:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"unit {bad} is outside the distance table of {n_units} units")
+
+
+def _dtw_batch(
+    xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], n: int, m: int, table: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integer DTW costs ``(B,)`` and path lengths ``(B,)`` of a batch padded to ``(n, m)``.
+
+    ``table (K, K)`` int64: frame costs by unit pair; ``None``: one-hot mismatch counts. Padding
+    sits after the real frames, so it never reaches the cost of a real cell.
+    """
     b = len(xs)
-    x = np.full((b, n), -1, dtype=np.int64)
-    y = np.full((b, m), -2, dtype=np.int64)
+    x = np.zeros((b, n), dtype=np.int64)
+    y = np.zeros((b, m), dtype=np.int64)
     for i, (u, v) in enumerate(zip(xs, ys, strict=True)):
         x[i, : len(u)], y[i, : len(v)] = u, v
-    # mismatch counts: distance 0.5 per mismatch is applied at the end (exact integers here)
-    d = (x[:, :, None] != y[:, None, :]).astype(np.int64)
+    if table is None:
+        d = (x[:, :, None] != y[:, None, :]).astype(np.int64)
+    else:
+        d = table[x[:, :, None], y[:, None, :]]
     cost = np.empty_like(d)
     cost[:, 0] = np.cumsum(d[:, 0], axis=1)
     big = np.iinfo(np.int64).max // 4
@@ -207,8 +281,13 @@ def _dtw_batch(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], n: int, m: in
     ly = np.array([len(v) for v in ys])
     rows = np.arange(b)
     final = cost[rows, lx - 1, ly - 1]
-    i, j = lx - 1, ly - 1
-    path = np.ones(b, dtype=np.int64)
+    return final, _path_lengths(cost, lx - 1, ly - 1)
+
+
+def _path_lengths(cost: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Length of libri-light's backtracked path from ``(i, j)`` in ``cost (B, n, m)``: ``(B,)``."""
+    rows = np.arange(len(cost))
+    path = np.ones(len(cost), dtype=np.int64)
     active = (i > 0) & (j > 0)
     while active.any():
         r = rows[active]
@@ -221,8 +300,7 @@ def _dtw_batch(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], n: int, m: in
         j[active] = ja - (go_diag | go_left)
         path[active] += 1
         active = (i > 0) & (j > 0)
-    path += i + j  # the rest of the path runs along the first row or column
-    return 0.5 * final / path
+    return path + i + j  # the rest of the path runs along the first row or column
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +370,71 @@ def _abx_error(d_ax: np.ndarray, d_bx: np.ndarray, exclude_diagonal: bool) -> fl
     return float(worse.mean())
 
 
+Cells = dict[tuple[str, str, str], list[int]]  # (context, phone, speaker) -> item indices
+Job = tuple[str, str, str, str, list[int], list[int], list[int]]  # mode, spk, a, b, X, A, B
+
+
+def _abx_cells(items: Sequence[AbxItem], max_per_cell: int, rng: np.random.Generator) -> Cells:
+    """Items grouped by (context, phone, speaker), each cell capped at ``max_per_cell``."""
+    cells: Cells = {}
+    for n, it in enumerate(items):
+        cells.setdefault((it.context, it.phone, it.speaker), []).append(n)
+    for key in sorted(cells):
+        if len(cells[key]) > max_per_cell:
+            cells[key] = sorted(rng.choice(cells[key], size=max_per_cell, replace=False).tolist())
+    return cells
+
+
+def _abx_jobs(
+    cells: Cells, modes: Sequence[str], max_x_speakers: int, rng: np.random.Generator
+) -> list[Job]:
+    """Every (mode, speaker, a, b, X cell, A cell, B cell) to score, in a reproducible order."""
+    by_context: dict[tuple[str, str], dict[str, list[int]]] = {}  # (context, speaker) -> phones
+    speakers_of: dict[tuple[str, str], list[str]] = {}  # (context, phone) -> speakers
+    for (ctx, phone, spk), members in sorted(cells.items()):
+        by_context.setdefault((ctx, spk), {})[phone] = members
+        speakers_of.setdefault((ctx, phone), []).append(spk)
+    jobs: list[Job] = []
+    for (ctx, spk), phones in sorted(by_context.items()):
+        for a, cell_a in sorted(phones.items()):
+            for b, cell_b in sorted(phones.items()):
+                if a == b:
+                    continue
+                if "within" in modes and len(cell_a) > 1:
+                    jobs.append(("within", spk, a, b, cell_a, cell_a, cell_b))
+                if "across" in modes:
+                    others = [s for s in speakers_of[(ctx, a)] if s != spk]
+                    if len(others) > max_x_speakers:
+                        others = sorted(rng.choice(others, size=max_x_speakers, replace=False))
+                    for x_spk in others:
+                        jobs.append(("across", spk, a, b, cells[(ctx, a, x_spk)], cell_a, cell_b))
+    return jobs
+
+
+def _pair_key(x: int, other: int, symmetric: bool) -> tuple[int, int]:
+    """DTW is not exactly symmetric (backtracking breaks ties left before up), so pairs are keyed
+    in libri-light's order: X first, except within-speaker A-X pairs, which it computes once with
+    the earlier item first and mirrors (``symmetric``)."""
+    return (min(x, other), max(x, other)) if symmetric else (x, other)
+
+
+def _abx_distances(
+    units: Mapping[str, np.ndarray],
+    items: Sequence[AbxItem],
+    jobs: Sequence[Job],
+    distances: np.ndarray | None,
+) -> dict[tuple[int, int], float]:
+    """DTW distance of every item pair the jobs need (keyed by :func:`_pair_key`), in one pass."""
+    pairs: set[tuple[int, int]] = set()
+    for mode, *_, cell_x, cell_a, cell_b in jobs:
+        pairs.update(_pair_key(x, a, mode == "within") for x in cell_x for a in cell_a if x != a)
+        pairs.update((x, b) for x in cell_x for b in cell_b)
+    ordered = sorted(pairs)
+    seqs = [np.asarray(units[it.utt][it.start : it.stop]) for it in items]
+    dist = dtw_units([seqs[x] for x, _ in ordered], [seqs[o] for _, o in ordered], distances)
+    return dict(zip(ordered, dist.tolist(), strict=True))
+
+
 def abx(
     units: Mapping[str, np.ndarray],
     items: Sequence[AbxItem],
@@ -299,66 +442,30 @@ def abx(
     max_x_speakers: int = 5,
     seed: int = 0,
     modes: Sequence[str] = ("within", "across"),
+    distances: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Within- and across-speaker ABX error (fractions in [0, 1]; NaN when no triplet exists).
 
     ``units``: frame-level units by utterance; ``items``: from :func:`abx_items`. Each
     (context, phone, speaker) cell keeps at most ``max_per_cell`` items and each A/B pair at most
     ``max_x_speakers`` X speakers (across), both drawn by a generator seeded with ``seed``.
+    ``distances (K, K)``: frame distance between units, e.g. :func:`angular_distances` of their
+    embeddings (ZeroSpeech 2019's code-vector ABX); ``None``: one-hot frames. The same ``seed``
+    draws the same triplets whatever the distances.
     Returns ``{"abx_within", "abx_across", "abx_items"}`` for the modes asked.
     """
     rng = np.random.default_rng(seed)
-    cells: dict[tuple[str, str, str], list[int]] = {}
-    for n, it in enumerate(items):
-        cells.setdefault((it.context, it.phone, it.speaker), []).append(n)
-    for key in sorted(cells):
-        if len(cells[key]) > max_per_cell:
-            cells[key] = sorted(rng.choice(cells[key], size=max_per_cell, replace=False).tolist())
-    by_context: dict[tuple[str, str], dict[str, list[int]]] = {}  # (context, speaker) -> phones
-    speakers_of: dict[tuple[str, str], list[str]] = {}  # (context, phone) -> speakers
-    for (ctx, phone, spk), members in sorted(cells.items()):
-        by_context.setdefault((ctx, spk), {})[phone] = members
-        speakers_of.setdefault((ctx, phone), []).append(spk)
-
-    # every needed (X item, other item) distance, computed in one vectorised pass
-    jobs: list[tuple] = []  # (mode, speaker, a, b, context, x cell, a cell, b cell)
-    for (ctx, spk), phones in sorted(by_context.items()):
-        for a, cell_a in sorted(phones.items()):
-            for b, cell_b in sorted(phones.items()):
-                if a == b:
-                    continue
-                if "within" in modes and len(cell_a) > 1:
-                    jobs.append(("within", spk, a, b, ctx, cell_a, cell_a, cell_b))
-                if "across" in modes:
-                    others = [s for s in speakers_of[(ctx, a)] if s != spk]
-                    if len(others) > max_x_speakers:
-                        others = sorted(rng.choice(others, size=max_x_speakers, replace=False))
-                    for x_spk in others:
-                        cell_x = cells[(ctx, a, x_spk)]
-                        jobs.append(("across", spk, a, b, f"{ctx}|{x_spk}", cell_x, cell_a, cell_b))
-    # DTW is not exactly symmetric (backtracking breaks ties left before up), so pairs are keyed
-    # in libri-light's order: X first, except within-speaker A-X pairs, which it computes once
-    # with the earlier item first and mirrors.
-    def key(x: int, other: int, symmetric: bool) -> tuple[int, int]:
-        return (min(x, other), max(x, other)) if symmetric else (x, other)
-
-    pairs: set[tuple[int, int]] = set()
-    for mode, *_, cell_x, cell_a, cell_b in jobs:
-        pairs.update(key(x, a, mode == "within") for x in cell_x for a in cell_a if x != a)
-        pairs.update((x, b) for x in cell_x for b in cell_b)
-    ordered = sorted(pairs)
-    seqs = [np.asarray(units[it.utt][it.start : it.stop]) for it in items]
-    dist = dtw_onehot([seqs[x] for x, _ in ordered], [seqs[o] for _, o in ordered])
-    lookup = dict(zip(ordered, dist.tolist(), strict=True))
+    jobs = _abx_jobs(_abx_cells(items, max_per_cell, rng), modes, max_x_speakers, rng)
+    lookup = _abx_distances(units, items, jobs, distances)
 
     def table(others: list[int], cell_x: list[int], symmetric: bool) -> np.ndarray:
         """(len(others), len(cell_x)) distances; the within diagonal (A == X) is masked later."""
         return np.array(
-            [[lookup.get(key(x, o, symmetric), 0.0) for x in cell_x] for o in others]
+            [[lookup.get(_pair_key(x, o, symmetric), 0.0) for x in cell_x] for o in others]
         )
 
     scores: dict[str, dict[tuple[str, str, str], list[float]]] = {m: {} for m in modes}
-    for mode, spk, a, b, _ctx, cell_x, cell_a, cell_b in jobs:
+    for mode, spk, a, b, cell_x, cell_a, cell_b in jobs:
         within = mode == "within"
         err = _abx_error(table(cell_a, cell_x, within), table(cell_b, cell_x, False), within)
         scores[mode].setdefault((spk, a, b), []).append(err)
@@ -388,10 +495,14 @@ def unit_metrics(
     abx_max_x_speakers: int = 5,
     abx_seed: int = 0,
     abx_modes: Sequence[str] = ("within", "across"),
+    embeddings: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All metrics for frame-level ``units`` of the utterances that have ``alignments``.
 
-    ``speakers`` (utterance -> speaker) enables ABX; without it ABX is left out.
+    ``speakers`` (utterance -> speaker) enables ABX; without it ABX is left out. ``embeddings``
+    ``(K, D)`` (unit ``i``'s code vector or centroid is row ``i``) adds ZeroSpeech 2019's ABX over
+    those vectors (angular distance, same triplets) as ``abx_within_codevec`` /
+    ``abx_across_codevec`` beside the one-hot ``abx_within`` / ``abx_across``.
     """
     evaluated = {u: np.asarray(s) for u, s in units.items() if u in alignments}
     z, y, _ = labelled_frames(evaluated, alignments, frame_rate, include_silence)
@@ -407,5 +518,9 @@ def unit_metrics(
             {u: speakers[u] for u in evaluated if u in speakers},
             silence,
         )
-        out.update(abx(evaluated, items, abx_max_per_cell, abx_max_x_speakers, abx_seed, abx_modes))
+        sampling = (abx_max_per_cell, abx_max_x_speakers, abx_seed, abx_modes)
+        out.update(abx(evaluated, items, *sampling))
+        if embeddings is not None:
+            codevec = abx(evaluated, items, *sampling, distances=angular_distances(embeddings))
+            out.update({f"abx_{mode}_codevec": codevec[f"abx_{mode}"] for mode in abx_modes})
     return out

@@ -12,9 +12,11 @@ from speechvq.metrics import (
     AbxItem,
     abx,
     abx_items,
+    angular_distances,
     bitrate,
     codebook_stats,
     dtw_onehot,
+    dtw_units,
     labelled_frames,
     purity_pnmi,
     unit_metrics,
@@ -163,6 +165,85 @@ def test_abx_cells_are_capped_reproducibly():
     capped = abx(units, items, max_per_cell=3, seed=5)
     assert capped == abx(units, items, max_per_cell=3, seed=5)
     assert capped != abx(units, items, max_per_cell=30)
+
+
+# ------------------------------------------------------------------------------- code vectors
+
+# 2-D code vectors: c0 = (1, 0), c1 = (1, 1), c2 = (0, 1); angles / pi: c0-c1 .25, c1-c2 .25,
+# c0-c2 .5
+CODES = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+
+
+def test_angular_distances_by_hand():
+    d = angular_distances(CODES)
+    assert d == pytest.approx(np.array([[0, 0.25, 0.5], [0.25, 0, 0.25], [0.5, 0.25, 0]]))
+    assert (np.diag(angular_distances(np.random.default_rng(0).normal(size=(9, 4)))) == 0).all()
+    # a zero code is orthogonal to every other code; scale does not matter
+    assert angular_distances(np.array([[0.0, 0.0], [3.0, 4.0]]))[0, 1] == pytest.approx(0.5)
+    assert angular_distances(7 * CODES) == pytest.approx(angular_distances(CODES))
+    # parallel codes are exactly at distance 0: their frames tie
+    parallel = angular_distances(np.array([[1.0, 2.0], [3.0, 6.0], [0.3, 0.6]]))
+    assert dtw_units([np.array([0, 1])], [np.array([2, 2])], parallel)[0] == 0.0
+
+
+def test_dtw_over_code_vectors_by_hand():
+    # frame distances, x = [c0 c1 c2] down, y = [c0 c2] across:  0  .5 / .25 .25 / .5 0
+    # costs: 0 .5 / .25 .25 / .75 .25; backtracking from the end: diagonal (tie with up, diagonal
+    # wins) to (1, 0), then up: path of 3 -> .25 / 3
+    d = angular_distances(CODES)
+    assert dtw_units([np.array([0, 1, 2])], [np.array([0, 2])], d)[0] == pytest.approx(1 / 12)
+    assert dtw_units([np.array([0, 0])], [np.array([2, 2])], d)[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="outside the distance table"):
+        dtw_units([np.array([0, 3])], [np.array([0])], d)
+
+
+def test_codevec_abx_by_hand():
+    """s1 says a as [c0 c0] and [c1 c1], b as [c2 c2]; s2 says a as [c2 c1].
+
+    Equal-length pairs of 2 frames take the diagonal: d = mean of the two frame angles.
+    Within (a, b): X=[c0 c0]: d(A=[c1 c1]) .25 < d(B) .5 -> 0; X=[c1 c1]: d(A=[c0 c0]) .25 =
+    d(B=[c2 c2]) .25 -> tie .5; error .5 / 2 = .25 (one-hot: all ties, .5).
+    Across (a, b), X = s2's [c2 c1]: A=[c0 c0]: (.5 + .25) / 2 = .375 > d(B) = (0 + .25) / 2
+    = .125 -> 1; A=[c1 c1]: (.25 + 0) / 2 = .125 = d(B) -> .5; error 1.5 / 2 = .75.
+    """
+    units = {"a1": np.array([0, 0]), "a2": np.array([1, 1]), "b1": np.array([2, 2]),
+             "x1": np.array([2, 1])}
+    items = [_item("a1", "a", "s1"), _item("a2", "a", "s1"), _item("b1", "b", "s1"),
+             _item("x1", "a", "s2")]
+    scores = abx(units, items, distances=angular_distances(CODES))
+    assert scores["abx_within"] == 0.25
+    assert scores["abx_across"] == 0.75
+    assert abx(units, items)["abx_within"] == 0.5  # one-hot: every pair of items differs fully
+
+
+def test_identity_embeddings_reproduce_onehot_abx_exactly():
+    rng = np.random.default_rng(3)
+    units = {f"u{i}": rng.integers(0, 6, rng.integers(1, 9)) for i in range(150)}
+    items = [AbxItem(f"u{i}", 0, len(units[f"u{i}"]), "abc"[i % 3], f"c{i % 4}", f"s{i % 5}")
+             for i in range(150)]
+    onehot = abx(units, items, max_per_cell=4, max_x_speakers=2, seed=1)
+    for emb in (np.eye(6), 2.5 * np.eye(6)):
+        assert abx(units, items, max_per_cell=4, max_x_speakers=2, seed=1,
+                   distances=angular_distances(emb)) == onehot
+    xs = [units[f"u{i}"] for i in range(0, 150, 2)]
+    ys = [units[f"u{i}"] for i in range(1, 150, 2)]
+    assert np.array_equal(dtw_units(xs, ys, angular_distances(np.eye(6))), dtw_onehot(xs, ys))
+
+
+def test_unit_metrics_adds_codevec_abx_beside_onehot():
+    ali, units, speakers = {}, {}, {}
+    for n in range(8):  # two speakers say "a" and "b" twice each, each token its own unit
+        utt, phone = f"s{n % 2}_{n}", "ab"[(n // 2) % 2]
+        ali[utt] = [Interval(0, 0.1, "sil"), Interval(0.1, 0.3, phone), Interval(0.3, 0.4, "sil")]
+        units[utt] = np.array([0] * 5 + [1 + n] * 10 + [0] * 5)
+        speakers[utt] = f"s{n % 2}"
+    # units 1..8: the "a" tokens' code vectors point one way, the "b" tokens' another
+    emb = np.array([[0.0, 0.0, 1.0]] + [[1.0, 0.1 * n, 0.0] if (n // 2) % 2 == 0
+                                        else [0.1 * n, 1.0, 0.0] for n in range(8)])
+    m = unit_metrics(units, ali, 50.0, speakers=speakers, embeddings=emb)
+    assert m["abx_within"] == 0.5 and m["abx_across"] == 0.5  # one-hot: every token differs
+    assert m["abx_within_codevec"] == 0.0 and m["abx_across_codevec"] == 0.0
+    assert "abx_within_codevec" not in unit_metrics(units, ali, 50.0, speakers=speakers)
 
 
 def test_abx_items_from_alignments():
