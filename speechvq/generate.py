@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from speechvq.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from speechvq.features import FeatureStats, build_logmel, utterance_normalize
+from speechvq.features import FeatureStats, FrontEnd, UtteranceState, stats_for_rows
 from speechvq.metrics import prior_perplexity
 from speechvq.nn.prior import IGNORE_INDEX, Prior
 from speechvq.vocoder import griffin_lim
@@ -139,7 +139,20 @@ class Synthesizer:
         self.frame_rate = float(vqvae.frame_rate)
         self.n_codes = int(vqvae.n_codes)
         self.samples_per_unit = int(vqvae.samples_per_unit)
-        self._logmel = build_logmel(self.features) if vqvae.kind == "mel" else None
+        self.front = FrontEnd(self.features, self.stats) if vqvae.kind == "mel" else None
+
+    def add_speakers(self, rows: Sequence[Any], stats_json: str | Path | None = None,
+                     progress: bool = False) -> None:
+        """Statistics for the speakers of manifest ``rows`` that the checkpoint lacks, by the one
+        policy (:func:`speechvq.features.stats_for_rows`, as extraction does), so resynthesis and
+        prompts encode an unseen speaker exactly as ``speechvq-extract`` does."""
+        if self.front is None or self.stats is None:
+            return
+        stats, _ = stats_for_rows(self.features, self.stats, rows, rows, stats_json, progress)
+        if stats is not None:
+            merged = {**stats.speakers, **self.stats.speakers}
+            self.stats = FeatureStats(self.features, self.stats.global_, merged, self.source)
+            self.front = FrontEnd(self.features, self.stats)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, vocoder: Mapping[str, Any] | None = None,
@@ -167,29 +180,36 @@ class Synthesizer:
     def encode(self, wav: Tensor, speaker: str | None = None) -> Tensor:
         """wav: (T,) at ``sample_rate`` -> unit ids (U,) long, U = T // samples_per_unit.
 
-        ``speaker`` picks the normalisation statistics (unknown or None: global statistics).
+        The one front-end (:class:`speechvq.features.FrontEnd`) with the checkpoint's statistics
+        (plus those of :meth:`add_speakers`): the same units as ``speechvq-extract``.
         """
-        # Cut to whole units first, as extraction (speechvq.units.ModelInput) and the datasets
-        # do: the last frames' padding and utterance statistics then match, and so do the units.
-        wav = wav[: self.num_units(wav.numel()) * self.samples_per_unit].to(self.device).float()
-        if self.vqvae.kind == "mel":
-            feats = self._logmel.to(self.device)(wav)
-            if self.normalize == "utterance":  # needs no statistics
-                feats = utterance_normalize(feats)
-            elif self.normalize != "none":
-                feats = self.stats.normalize(feats, speaker, self.normalize)
-            x = feats.unsqueeze(0)
-        else:
-            x = wav.unsqueeze(0)
-        units = self.vqvae.encode(x)[0]
-        return units[: self.num_units(wav.numel())]
+        return self.encode_with_state(wav, speaker)[0]
 
     @torch.no_grad()
-    def decode(self, units: Tensor, speakers: str | Sequence[str], seed: int = 0) -> Tensor:
+    def encode_with_state(self, wav: Tensor, speaker: str | None = None
+                          ) -> tuple[Tensor, UtteranceState | None]:
+        """:meth:`encode`, also returning the utterance's front-end state (for :meth:`decode`)."""
+        # Cut to whole units first, as extraction (speechvq.units.ModelInput) and the datasets
+        # do: the utterance's level and statistics then match, and so do the units.
+        wav = wav[: self.num_units(wav.numel()) * self.samples_per_unit].float()
+        state = None
+        if self.front is not None:
+            state = self.front.measure(wav.cpu())
+            x = self.front(wav.cpu(), speaker, state).to(self.device).unsqueeze(0)
+        else:
+            x = wav.to(self.device).unsqueeze(0)
+        units = self.vqvae.encode(x)[0]
+        return units[: self.num_units(wav.numel())], state
+
+    @torch.no_grad()
+    def decode(self, units: Tensor, speakers: str | Sequence[str], seed: int = 0,
+               state: UtteranceState | None = None) -> Tensor:
         """units: (B, U) or (U,) ids -> audio (B, U * samples_per_unit) or (T,), float32 on CPU.
 
         ``speakers``: one name for all, or one per sequence; the decoder is conditioned on it and
-        (mel models) the features are denormalised with its statistics before the vocoder.
+        (mel models) the features are denormalised with its statistics before the vocoder, or
+        with the source utterance's own (``state`` from :meth:`encode_with_state`) when the
+        front-end normalises per utterance (reconstruction).
         """
         single = units.dim() == 1
         units = units.reshape(1, -1) if single else units
@@ -199,8 +219,7 @@ class Synthesizer:
         index = torch.tensor([self.speaker_index(s) for s in names], device=self.device)
         out = self.vqvae.decode(units.to(self.device), index)
         if self.vqvae.kind == "mel":
-            if self.normalize != "none":
-                out = self.stats.denormalize(out, names, self.normalize)
+            out = self.front.denormalize(out.float().cpu(), names, state)
             out = griffin_lim(out, self.features, seed=seed, **self.vocoder)
         out = out.float().cpu()
         return out[0] if single else out
@@ -483,10 +502,11 @@ def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Pa
     from speechvq.report import Clip, Row
 
     out_dir = Path(out_dir)
+    synth.add_speakers(rows)  # unseen speakers: their own statistics, as extraction uses
     page = []
     for row in rows:
         wav = load_audio(row.path, synth.sample_rate)
-        units = synth.encode(wav, row.speaker)
+        units, state = synth.encode_with_state(wav, row.speaker)
         name = safe_name(row.id) + ".wav"
         original = out_dir / "original" / name
         save_audio(original, wav[: len(units) * synth.samples_per_unit], synth.sample_rate)
@@ -494,7 +514,7 @@ def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Pa
         voice = row.speaker if own else (list(targets) or synth.speakers)[0]
         clips = [Clip(original, "original", None, f"speaker {row.speaker}")]
         recon = out_dir / "reconstruction" / name
-        save_audio(recon, synth.decode(units, voice, seed=seed), synth.sample_rate)
+        save_audio(recon, synth.decode(units, voice, seed=seed, state=state), synth.sample_rate)
         note = f"decoded as {voice}" + ("" if own else f" ({row.speaker} unknown to the model)")
         clips.append(Clip(recon, "reconstruction", units.cpu().numpy(), note))
         others = [t for t in targets if t != voice]

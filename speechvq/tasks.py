@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
-from speechvq.features import FeatureStats, build_logmel, compute_stats
+from speechvq.features import FeatureStats, FrontEnd, augment_mels, build_logmel, compute_stats
 from speechvq.vocoder import griffin_lim
 from speechvq.vqvae import build_vqvae
 
@@ -86,6 +86,8 @@ class VQVAETask:
             "valid_manifest": (str(Path(data["valid_manifest"]).resolve())
                                if valid_rows else None),
         }
+        augment = data.get("augment") or {}
+        self.augment = {"warp": float(augment.get("warp", 0.0)), "eq": float(augment.get("eq", 0.0))}
         self._media_seconds = float(data["media_seconds"])
         self._media_rows = valid_rows or train_rows
         self._example: dict | None = None
@@ -98,7 +100,11 @@ class VQVAETask:
         return collate(items)
 
     def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
-        """The VQ-VAE's own forward: ``loss``, the named losses, perplexity/usage/dead_codes."""
+        """The VQ-VAE's own forward: ``loss``, the named losses, perplexity/usage/dead_codes.
+        In training, with ``data.augment``, the encoder sees perturbed features
+        (:func:`speechvq.features.augment_mels`) and the decoder reconstructs the clean ones."""
+        if model.training and "feats" in batch and (self.augment["warp"] or self.augment["eq"]):
+            batch = {**batch, "encoder_input": augment_mels(batch["feats"], **self.augment)}
         return model(batch)
 
     def log_media(self, model: nn.Module, writer: Any, step: int) -> None:
@@ -144,11 +150,11 @@ class VQVAETask:
         return self._example
 
     def _denormalize(self, feats: Tensor) -> Tensor:
-        """Normalised (n_mels, F) -> natural-log mels, with the example's speaker statistics."""
-        if self.stats is None:
-            return feats
+        """Normalised (n_mels, F) -> natural-log mels, as the front-end normalised the example."""
+        front = FrontEnd(self.features, self.stats)
         speaker = self.speakers[int(self._example["speaker"][0])]
-        return self.stats.denormalize(feats.float().cpu(), speaker, str(self.features["normalize"]))
+        wav = self._example["wav"][0, : int(self._example["num_samples"][0])]
+        return front.denormalize(feats.float().cpu(), speaker, front.measure(wav))
 
 
 def mel_image(target: Tensor, output: Tensor) -> np.ndarray:

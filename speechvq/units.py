@@ -55,6 +55,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from speechvq.audio import AudioError, load_audio
+from speechvq.features import FeatureStats, FrontEnd
+
 log = logging.getLogger(__name__)
 
 Units = dict[str, np.ndarray]
@@ -759,35 +762,12 @@ class ChunkedEncoder:
         return outputs
 
 
-def chunked_logmel(logmel: nn.Module, wav: torch.Tensor, chunk_frames: int) -> torch.Tensor:
-    """``logmel(wav)`` for a long ``wav: (T,)`` computed in pieces of ``chunk_frames`` frames:
-    ``(n_mels, T // hop)``, the same frames as one call (STFT memory stays bounded).
-
-    Each piece is computed over extra samples on both sides, so a kept frame's window never
-    touches a piece border (reflect padding, pre-emphasis); frames at the real ends of ``wav``
-    are computed from the real ends, as in one call.
-    """
-    hop = logmel.hop_length
-    n_frames = wav.shape[-1] // hop
-    if n_frames <= chunk_frames:
-        return logmel(wav)
-    margin = math.ceil(logmel.n_fft / hop) + 1
-    out = torch.empty(logmel.n_mels, n_frames)
-    for f0 in range(0, n_frames, chunk_frames):
-        f1 = min(n_frames, f0 + chunk_frames)
-        a, b = max(0, f0 - margin), min(n_frames, f1 + margin)
-        piece = wav[a * hop : (wav.shape[-1] if b == n_frames else b * hop)]
-        out[:, f0:f1] = logmel(piece)[:, f0 - a : f1 - a]
-    return out
-
-
 class ModelInput:
     """Manifest row -> the model's input for the whole utterance, as training prepared it.
 
     The waveform is cut to whole units (``T // samples_per_unit`` units, as
-    :class:`speechvq.data.dataset.UtteranceDataset` does). Mel model: log-mels from
-    :func:`speechvq.features.build_logmel` normalised with ``features.normalize`` using ``stats``
-    (``utterance``: the utterance's own statistics), ``(n_mels, 2U)``; wave model: ``(320 U,)``.
+    :class:`speechvq.data.dataset.UtteranceDataset` does). Mel model: the one front-end,
+    :class:`speechvq.features.FrontEnd` with ``stats``, ``(n_mels, 2U)``; wave model: ``(320 U,)``.
     Raises :class:`speechvq.audio.AudioError` for unreadable audio or audio shorter than a unit.
     Picklable, so DataLoader workers can run it.
     """
@@ -798,44 +778,27 @@ class ModelInput:
         samples_per_unit: int,
         sample_rate: int,
         features_cfg: Mapping | None = None,
-        stats: Any = None,
+        stats: FeatureStats | None = None,
         chunk_seconds: float = 30.0,
     ) -> None:
-        from speechvq.features import build_logmel
-
         self.kind = kind
         self.samples_per_unit = int(samples_per_unit)
         self.sample_rate = int(sample_rate)
-        self.logmel = None
-        self.mode = "none"
-        self.stats = stats
+        self.front: FrontEnd | None = None
         if kind == "mel":
             if features_cfg is None:
                 raise ValueError("the mel model needs its features config")
-            self.logmel = build_logmel(features_cfg)
-            self.mode = str(features_cfg.get("normalize", "none"))
-            if self.mode in ("speaker", "global") and stats is None:
-                raise ValueError(f"features.normalize={self.mode} needs feature statistics")
-            self.chunk_frames = max(1, round(chunk_seconds * self.logmel.frame_rate))
+            self.front = FrontEnd(features_cfg, stats, chunk_seconds=chunk_seconds)
 
     def __call__(self, path: str, speaker: str) -> torch.Tensor:
-        from speechvq.audio import AudioError, load_audio
-        from speechvq.features import utterance_normalize
-
         wav = load_audio(path, self.sample_rate)
         n = wav.numel() // self.samples_per_unit * self.samples_per_unit
         if n == 0:
             raise AudioError(path, f"shorter than one unit ({self.samples_per_unit} samples)")
         wav = wav[:n]
-        if self.logmel is None:
+        if self.front is None:
             return wav.clone()
-        with torch.no_grad():
-            feats = chunked_logmel(self.logmel, wav, self.chunk_frames)
-            if self.mode == "utterance":
-                feats = utterance_normalize(feats)
-            elif self.mode != "none":
-                feats = self.stats.normalize(feats, speaker, self.mode)
-        return feats
+        return self.front(wav, speaker)
 
 
 class _Inputs(torch.utils.data.Dataset):
@@ -849,8 +812,6 @@ class _Inputs(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        from speechvq.audio import AudioError
-
         row = self.rows[index]
         try:
             return index, self.make_input(row.path, row.speaker), None
@@ -950,67 +911,3 @@ def extract_units(
     ordered = {rows[i].id: found[i] for i in sorted(found)}
     frames = sum(len(u) for u in ordered.values())
     return Extraction(ordered, rejected, frames / encoder.frame_rate, time.perf_counter() - start)
-
-
-def extraction_stats(
-    features_cfg: Mapping[str, Any],
-    train_stats: Mapping[str, Any] | None,
-    rows: Sequence[Any],
-    all_rows: Sequence[Any],
-    manifest: str | os.PathLike,
-    progress: bool = True,
-    workers: int = 1,
-) -> tuple[Any, dict]:
-    """The log-mel statistics that normalise ``rows`` as training normalised its data.
-
-    ``features.normalize``: ``none`` / ``utterance`` need none (returns None); ``global`` uses the
-    training statistics ``train_stats`` (the checkpoint's); ``speaker`` takes each speaker of
-    ``rows`` from ``stats.json`` beside ``manifest`` when that file was made with the same
-    features config, and computes the others over all of their utterances in ``all_rows`` (the
-    whole manifest, so every shard of an array job gets the same numbers). Returns
-    ``(FeatureStats or None, a description for the sidecar)``.
-    """
-    from speechvq.features import FeatureStats, compute_stats
-
-    mode = str(features_cfg.get("normalize", "none"))
-    info: dict[str, Any] = {"mode": mode}
-    if mode in ("none", "utterance"):
-        return None, info
-    train = FeatureStats.from_dict(train_stats, path="checkpoint meta") if train_stats else None
-    if mode == "global":
-        if train is None:
-            raise ValueError("features.normalize=global but the checkpoint meta has no 'stats'")
-        info["source"] = "checkpoint"
-        return train, info
-    needed = sorted({r.speaker for r in rows})
-    moments: dict[str, Any] = {}
-    fallback_global = train.global_ if train is not None else None
-    side = Path(manifest).parent / "stats.json"
-    if side.exists():
-        try:
-            side_stats = FeatureStats.load(side)
-            side_stats.check_features(features_cfg)
-        except ValueError as err:
-            log.warning("%s; computing per-speaker statistics over the manifest instead", err)
-        else:
-            moments = {s: side_stats.speakers[s] for s in needed if s in side_stats.speakers}
-            fallback_global = fallback_global or side_stats.global_
-            info["stats_json"] = str(side.resolve())
-    info["speakers_from_stats_json"] = len(moments)
-    missing = [s for s in needed if s not in moments]
-    if missing:
-        wanted = set(missing)
-        log.info("computing log-mel statistics of %d speaker(s) over %s", len(missing), manifest)
-        try:
-            computed = compute_stats(
-                [r for r in all_rows if r.speaker in wanted], features_cfg, progress, workers
-            )
-        except ValueError as err:  # none of their files is readable: they will be rejected
-            log.warning("%s: %s", manifest, err)
-        else:
-            moments.update({s: computed.speakers[s] for s in missing if s in computed.speakers})
-            fallback_global = fallback_global or computed.global_
-    info["speakers_computed"] = len(missing)
-    if fallback_global is None:
-        raise ValueError("no statistics available to normalise the log-mels")
-    return FeatureStats(features_cfg, fallback_global, moments, path=str(manifest)), info

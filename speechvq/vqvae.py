@@ -101,9 +101,11 @@ class VQVAE(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """batch: ``wav`` (B, T), ``feats`` (B, n_mels, F) [mel], ``speaker`` (B,) long,
-        ``mask`` (B, U) bool valid units [optional]. Returns ``{"loss", <losses>, <stats>}``."""
+        ``mask`` (B, U) bool valid units [optional], ``encoder_input`` (an augmented copy of the
+        input, same shape) [optional: the encoder sees it, the decoder still reconstructs the
+        clean input]. Returns ``{"loss", <losses>, <stats>}``."""
         x = self._input(batch)
-        z = self.encoder(x)
+        z = self.encoder(batch.get("encoder_input", x))
         B, _, U = z.shape
         mask = batch.get("mask")
         if mask is None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from speechvq.cli._hydra import conf_dir
 from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, speakers_of
-from speechvq.features import build_logmel, compute_stats
+from speechvq.features import Z_MAX, FrontEnd, compute_stats
 
 SR = 16000
 
@@ -81,7 +81,6 @@ def test_crops_are_a_function_of_seed_epoch_index(corpus, stats, features_cfg):
 
 def test_crop_content_shapes_and_features(corpus, stats, features_cfg):
     ds = _crops(corpus, stats, features_cfg)
-    logmel = build_logmel(features_cfg)
     crop = ds.crop_samples
     assert crop == 8000 and crop % UNIT_HOP == 0
     for i in range(len(ds)):
@@ -104,8 +103,11 @@ def test_crop_content_shapes_and_features(corpus, stats, features_cfg):
             assert starts
         else:  # zero-padded at the end
             assert torch.equal(item["wav"][:n], full) and not item["wav"][n:].any()
-        # the dataset's features are exactly the one front-end's, normalised per speaker
-        expected = stats.normalize(logmel(item["wav"]), row.speaker, "speaker")
+        # the dataset's features are exactly the one front-end's, made with the state (level,
+        # DC) of the whole utterance the crop comes from, normalised per speaker
+        front = FrontEnd(features_cfg, stats)
+        whole = full[: full.numel() // UNIT_HOP * UNIT_HOP]
+        expected = front(item["wav"], row.speaker, front.measure(whole), n)
         valid = n // features_cfg["hop_length"]
         assert torch.equal(item["feats"][:, :valid], expected[:, :valid])
         assert not item["feats"][:, valid:].any()
@@ -153,9 +155,15 @@ def test_waveform_only_and_config_checks(corpus, stats, features_cfg):
     utt = CropDataset(
         corpus, speakers_of(corpus), None, {**features_cfg, "normalize": "utterance"}, 2.0, SR
     )
-    item = utt[1]
+    item = utt[1]  # shorter than the crop: the whole utterance, normalised by its own moments
+    assert item["num_samples"] == corpus[1].num_samples
     valid = item["num_samples"] // features_cfg["hop_length"]
-    torch.testing.assert_close(item["feats"][:, :valid].mean(1), torch.zeros(80), atol=1e-4, rtol=0)
+    front = FrontEnd({**features_cfg, "normalize": "utterance"})
+    own = front.measure(item["wav"], item["num_samples"]).moments
+    feats = front.features_of(item["wav"][: item["num_samples"]])
+    expected = ((feats - own.mean[:, None]) / own.std[:, None]).clamp(-Z_MAX, Z_MAX)
+    # (the last frame differs: there the crop's window reaches its zero padding)
+    torch.testing.assert_close(item["feats"][:, : valid - 1], expected[:, : valid - 1])
 
 
 def test_utterances_in_order_bad_ones_dropped(corpus, stats, features_cfg, caplog):

@@ -20,7 +20,7 @@ from speechvq.checkpoint import save_checkpoint
 from speechvq.cli import extract
 from speechvq.cli._hydra import StageError, conf_dir
 from speechvq.data.manifest import ManifestRow, read_manifest, write_manifest
-from speechvq.features import FeatureStats, Moments, build_logmel, compute_stats
+from speechvq.features import FeatureStats, FrontEnd, Moments, build_logmel, compute_stats
 from speechvq.nn.quantizer import kmeans, sq_distances
 from speechvq.vqvae import build_vqvae, load_vqvae
 
@@ -129,13 +129,12 @@ def _reference_units(corpus) -> dict[str, np.ndarray]:
     carol = compute_stats([r for r in rows if r.speaker == "carol"], corpus["features"],
                           progress=False)
     stats = corpus["stats"]
-    logmel = build_logmel(meta["features"])
     out = {}
     for r in rows:
         wav = load_audio(r.path)
         wav = wav[: len(wav) // 320 * 320]
         s = carol if r.speaker == "carol" else stats
-        feats = s.normalize(logmel(wav), r.speaker, "speaker")
+        feats = FrontEnd(meta["features"], s)(wav, r.speaker)
         out[r.id] = model.encode(feats[None])[0].numpy()
     return out
 
@@ -170,7 +169,7 @@ def test_cli_extracts_dedup_units_with_sidecar(corpus, tmp_path):
     assert meta["model_kind"] == "mel" and len(meta["checkpoint_hash"]) == 16
     assert meta["counts"]["utterances"] == 9 and meta["counts"]["rejected"] == 1
     assert meta["rejected"][0]["id"] == "broken" and "broken.wav" in meta["rejected"][0]["path"]
-    assert meta["normalization"]["speakers_from_stats_json"] == 2
+    assert meta["normalization"]["speakers_from_checkpoint"] == 2
     assert meta["normalization"]["speakers_computed"] == 1
     assert meta["config"]["format"] == "gslm"
     assert not (tmp_path / ".hydra").exists()
@@ -250,7 +249,8 @@ def test_long_file_in_chunks_equals_whole_file(tmp_path, kind):
     x = make_input(str(path), "anyone")
     wav16 = load_audio(path)[: len(wav) // 320 * 320]
     if kind == "mel":  # the chunked log-mels are the one-pass log-mels
-        whole_x = stats.normalize(logmel(wav16), None, "global")
+        one_pass = FrontEnd(features | {"normalize": "global"}, stats, chunk_seconds=1000.0)
+        whole_x = one_pass(wav16, None)
         assert torch.equal(x, whole_x)
     else:
         whole_x = wav16

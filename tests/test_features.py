@@ -16,7 +16,16 @@ from omegaconf import OmegaConf
 
 from speechvq.cli._hydra import conf_dir
 from speechvq.data.manifest import ManifestRow
-from speechvq.features import FeatureStats, LogMel, Moments, build_logmel, compute_stats
+from speechvq.features import (
+    STD_FLOOR,
+    Z_MAX,
+    FeatureStats,
+    FrontEnd,
+    LogMel,
+    Moments,
+    build_logmel,
+    compute_stats,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +46,7 @@ def test_logmel_is_built_from_the_yaml_and_only_there(features_cfg):
     assert yaml_cfg == features_cfg
     # every LogMel parameter is set in the yaml, and the yaml sets nothing LogMel ignores
     params = [p for p in inspect.signature(LogMel.__init__).parameters if p != "self"]
-    assert sorted(params) == sorted(set(yaml_cfg) - {"normalize"})
+    assert sorted(params) == sorted(set(yaml_cfg) - {"normalize", "level", "dynamic_range_db"})
     logmel = build_logmel(features_cfg)
     for key in params:
         assert getattr(logmel, key) == yaml_cfg[key], key
@@ -113,11 +122,13 @@ def _stats(n_mels=4) -> FeatureStats:
 
 def test_normalize_modes_and_inverse(caplog):
     stats = _stats()
-    x = torch.randn(4, 7) * 3 + 1
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(0)) + 1
     torch.testing.assert_close(stats.normalize(x, "a", "speaker"), (x - 2.0) / 0.5)
+    # far-out values are clamped: a normalised value never exceeds Z_MAX in magnitude
+    assert stats.normalize(x + 100, "a", "speaker").max() == Z_MAX
     torch.testing.assert_close(stats.normalize(x, "a", "global"), x)
     torch.testing.assert_close(stats.normalize(x, "a", "none"), x)
-    u = stats.normalize(x, "a", "utterance")
+    u = stats.normalize(3 * x, "a", "utterance")  # spread above STD_FLOOR
     torch.testing.assert_close(u.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(u.std(-1, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
     for mode in ("speaker", "global", "none"):
@@ -165,13 +176,19 @@ def test_compute_stats_per_speaker_and_skips_bad_files(tmp_path, features_cfg, c
     assert "broken.wav" in caplog.text
     assert sorted(stats.speakers) == ["loud", "quiet"]
     assert stats.global_.frames == 4 * 4000 // features_cfg["hop_length"]
-    logmel = build_logmel(features_cfg)
+    front = FrontEnd(features_cfg, analysis_only=True)  # statistics of the model's own input
     loud = torch.cat(
-        [logmel(torch.from_numpy(sf.read(r.path, dtype="float32")[0])) for r in rows[:2]], 1
+        [front.features_of(torch.from_numpy(sf.read(r.path, dtype="float32")[0]))
+         for r in rows[:2]], 1
     )
     torch.testing.assert_close(stats.speakers["loud"].mean, loud.mean(1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(
-        stats.speakers["loud"].std, loud.std(1, unbiased=False), atol=1e-3, rtol=1e-3
+        stats.speakers["loud"].std, loud.std(1, unbiased=False).clamp_min(STD_FLOOR), atol=1e-3,
+        rtol=1e-3,
     )
-    assert (stats.speakers["loud"].mean > stats.speakers["quiet"].mean + 3).all()
+    # white noise at -34 dB relative to the loud speaker: the same features at any level
+    diff = stats.speakers["loud"].mean - stats.speakers["quiet"].mean
+    assert diff.abs().max() < 0.6
+    absolute = compute_stats(rows[:4], {**features_cfg, "level": "absolute"}, progress=False)
+    assert (absolute.speakers["loud"].mean > absolute.speakers["quiet"].mean + 3).all()
     assert stats.features == features_cfg

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from speechvq.checkpoint import CheckpointError, checkpoint_hash
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.manifest import read_manifest
+from speechvq.features import stats_for_rows
 from speechvq.training import resolve_device
 from speechvq.units import (
     FORMATS,
@@ -32,7 +33,6 @@ from speechvq.units import (
     ModelInput,
     durations_path,
     extract_units,
-    extraction_stats,
     merge_shards,
     read_sidecar,
     shard_path,
@@ -120,8 +120,8 @@ def run(cfg: DictConfig) -> int:
             raise StageError(f"{cfg.checkpoint}: checkpoint meta lacks 'features' (mel config)")
         stats, normalization = (None, {"mode": "none (waveform model)"})
         if model.kind == "mel":
-            stats, normalization = extraction_stats(
-                features, meta.get("stats"), rows, all_rows, manifest,
+            stats, normalization = stats_for_rows(
+                features, meta.get("stats"), rows, all_rows, manifest.parent / "stats.json",
                 progress=bool(cfg.progress), workers=max(1, int(cfg.num_workers)),
             )
         make_input = ModelInput(

@@ -54,6 +54,8 @@ def _prompt(cfg: DictConfig, synth: Synthesizer, out_dir: Path):
     row = rows.get(str(cfg.prompt))
     if row is None:
         raise StageError(f"{cfg.data.manifest}: no utterance with id {cfg.prompt!r}")
+    # the prompt speaker's statistics as extraction would use them (all its utterances listed)
+    synth.add_speakers([r for r in rows.values() if r.speaker == row.speaker])
     wav = load_audio(row.path, synth.sample_rate)
     units = synth.encode(wav, row.speaker)
     units = units[: max(1, round(float(cfg.prompt_seconds) * synth.frame_rate))]

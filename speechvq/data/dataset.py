@@ -2,8 +2,9 @@
 
 Items are dicts ``{"id", "wav": (T,), "feats": (n_mels, F) normalised (when a features config is
 given), "speaker": int, "num_samples": int}`` where ``num_samples`` counts the valid samples before
-zero padding. Features always come from :func:`speechvq.features.build_logmel` on the item's own
-waveform, so ``item["feats"]`` is exactly the normalised ``build_logmel(cfg)(item["wav"])``.
+zero padding. Features always come from :class:`speechvq.features.FrontEnd`, the one front-end of
+every stage: a whole utterance's item is exactly ``FrontEnd(cfg, stats)(wav, speaker)``, and a
+training crop is made with its whole utterance's state (level, DC, utterance moments).
 
 A file that cannot be read at load time never stops a run: it is logged once and, for training
 crops, replaced by another utterance chosen deterministically; whole-utterance items are dropped.
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from speechvq.audio import AudioError, load_audio
 from speechvq.data.manifest import ManifestRow
-from speechvq.features import FeatureStats, build_logmel, utterance_normalize
+from speechvq.features import FeatureStats, FrontEnd, UtteranceState
 
 log = logging.getLogger(__name__)
 
@@ -37,43 +38,17 @@ def _warn_bad(warned: set[str], err: AudioError, what: str) -> None:
         log.warning("%s; %s", err, what)
 
 
-class _FrontEnd:
-    """Waveform -> normalised log-mels for one speaker, or nothing when features are off."""
-
-    def __init__(
-        self, stats: FeatureStats | None, features_cfg: Mapping | None, sample_rate: int
-    ) -> None:
-        self.logmel = None
-        self.stats = stats
-        self.mode = "none"
-        if features_cfg is None:
-            return
-        self.logmel = build_logmel(features_cfg)
-        if self.logmel.sample_rate != sample_rate:
-            raise ValueError(
-                f"features.sample_rate {self.logmel.sample_rate} != dataset sample_rate {sample_rate}"
-            )
-        if "normalize" not in features_cfg:
-            raise ValueError("features config lacks 'normalize' (speaker|global|utterance|none)")
-        self.mode = str(features_cfg["normalize"])
-        if self.mode in ("speaker", "global") and stats is None:
-            raise ValueError(f"features.normalize={self.mode} needs the corpus stats (stats.json)")
-        if stats is not None:
-            stats.check_features(features_cfg)
-
-    def __call__(self, wav: Tensor, speaker: str, num_samples: int) -> Tensor | None:
-        if self.logmel is None:
-            return None
-        with torch.no_grad():
-            feats = self.logmel(wav)
-            valid = self.logmel.num_frames(num_samples)
-            if self.mode != "none":
-                if self.stats is None:  # only "utterance" gets here without stats
-                    feats = utterance_normalize(feats, valid)
-                else:
-                    feats = self.stats.normalize(feats, speaker, self.mode, valid_frames=valid)
-            feats[:, valid:] = 0.0  # padding: 0 is the normalised mean, and it is masked anyway
-        return feats
+def _front_end(stats: FeatureStats | None, features_cfg: Mapping | None,
+               sample_rate: int) -> FrontEnd | None:
+    """The one front-end (:class:`speechvq.features.FrontEnd`), or None for waveform models."""
+    if features_cfg is None:
+        return None
+    front = FrontEnd(features_cfg, stats)
+    if front.sample_rate != sample_rate:
+        raise ValueError(
+            f"features.sample_rate {front.sample_rate} != dataset sample_rate {sample_rate}"
+        )
+    return front
 
 
 def _item(row: ManifestRow, wav: Tensor, feats: Tensor | None, speaker: int, n: int) -> dict:
@@ -121,7 +96,8 @@ class CropDataset(torch.utils.data.Dataset):
             raise ValueError(f"crop_seconds {crop_seconds} is shorter than one unit (20 ms)")
         self.seed = int(seed)
         self.epoch = 0
-        self._front = _FrontEnd(stats, features_cfg, self.sample_rate)
+        self._front = _front_end(stats, features_cfg, self.sample_rate)
+        self._states: dict[int, UtteranceState] = {}  # whole-utterance level/moments, per row
         self._bad: set[int] = set()
         self._warned: set[str] = set()
 
@@ -158,9 +134,19 @@ class CropDataset(torch.utils.data.Dataset):
             f"{self.rows[i].path}); the corpus looks broken, re-run speechvq-prepare"
         )
 
+    def _state(self, i: int, wav: Tensor) -> UtteranceState | None:
+        """The whole utterance's front-end state (crops are made exactly as the whole is)."""
+        if self._front is None:
+            return None
+        if i not in self._states:
+            n = wav.numel() // UNIT_HOP * UNIT_HOP or wav.numel()  # as UtteranceDataset cuts it
+            self._states[i] = self._front.measure(wav, n)
+        return self._states[i]
+
     def __getitem__(self, index: int) -> dict:
         i, wav = self._load(index)
         row = self.rows[i]
+        state = self._state(i, wav)
         n = wav.numel()
         if n >= self.crop_samples:
             start = int(self._rng(index).integers(0, n - self.crop_samples + 1))
@@ -169,7 +155,7 @@ class CropDataset(torch.utils.data.Dataset):
         else:
             wav = torch.cat([wav, wav.new_zeros(self.crop_samples - n)])  # a new tensor: the
             # cached waveform is never written to
-        feats = self._front(wav, row.speaker, n)
+        feats = self._front(wav, row.speaker, state, n) if self._front else None
         return _item(row, wav, feats, self._speaker_ids[row.speaker], n)
 
 
@@ -196,7 +182,7 @@ class UtteranceDataset(torch.utils.data.Dataset):
         if unknown:
             log.warning("speaker(s) %s are not among the model's speakers: id -1", unknown[:5])
         self.sample_rate = int(sample_rate)
-        self._front = _FrontEnd(stats, features_cfg, self.sample_rate)
+        self._front = _front_end(stats, features_cfg, self.sample_rate)
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -211,7 +197,7 @@ class UtteranceDataset(torch.utils.data.Dataset):
             return None
         n = wav.numel() // UNIT_HOP * UNIT_HOP
         wav = wav[:n].clone()
-        feats = self._front(wav, row.speaker, n)
+        feats = self._front(wav, row.speaker, num_samples=n) if self._front else None
         return _item(row, wav, feats, self._speaker_ids.get(row.speaker, -1), n)
 
     def sorted_batches(self, max_seconds: float) -> list[list[int]]:

@@ -1,0 +1,166 @@
+"""How phonetic are speechvq's units on a labelled corpus, against MFCC + k-means: the whole protocol.
+
+    python benchmarks/bench_units.py --root ../shared/realdev/wav --alignments ../shared/realdev/ali \
+        --minutes 15 --work /tmp/bench_units/realdev
+    python benchmarks/bench_units.py --mini --minutes 15 --work /tmp/bench_units/mini
+
+1. ``speechvq-prepare data=folder`` (or ``data=mini``): split by utterance, every speaker in every
+   split (``--valid``/``--test`` fractions), alignments matched to the utterances.
+2. ``speechvq-train`` with the defaults on the (unlabelled) train split for ``--minutes`` minutes
+   (or ``--steps``), validation on the valid split; the steps reached and steps/s are printed.
+3. ``speechvq-extract`` the test split with ``best.pt``.
+4. ``speechvq-evaluate`` against the phones, with MFCC + k-means fitted on the same train split,
+   as many clusters as units used, at the same rate.
+5. A table: each metric for both systems and their ratio (speechvq / MFCC + k-means).
+
+Every stage is skipped when its output exists (``--force`` redoes them), so an interrupted run
+resumes and a second ``--exp`` reuses the prepared data. Extra ``key=value`` arguments go to
+``speechvq-train`` (e.g. ``model.decoder.jitter=0.25``) to measure a variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = [  # (JSON key, label, lower is better)
+    ("pnmi", "PNMI", False),
+    ("phone_purity", "phone purity", False),
+    ("abx_within_codevec", "ABX within, code vectors (%)", True),
+    ("abx_across_codevec", "ABX across, code vectors (%)", True),
+    ("abx_within", "ABX within, one-hot (%)", True),
+    ("abx_across", "ABX across, one-hot (%)", True),
+    ("used", "units used", False),
+    ("bitrate", "bitrate (bit/s)", False),
+]
+
+
+def _tool(name: str) -> str:
+    """The stage's console script beside this Python (the venv's), else on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def _run(cmd: list[str], log_path: Path) -> None:
+    print("+", " ".join(cmd), flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def prepare(args: argparse.Namespace, data: Path) -> None:
+    if (data / "test.tsv").exists() and not args.force:
+        print(f"prepare: {data} exists, reused")
+        return
+    if args.mini:
+        cmd = [_tool("speechvq-prepare"), "data=mini", f"out_dir={data}"]
+    else:
+        cmd = [_tool("speechvq-prepare"), "data=folder", f"data.root={args.root}",
+               f"data.speaker={args.speaker}", "data.split.by=utterance",
+               f"data.split.valid={args.valid}", f"data.split.test={args.test}",
+               f"data.split.seed={args.seed}", f"out_dir={data}"]
+        if args.alignments:
+            cmd.append(f"data.alignments={args.alignments}")
+    _run(cmd, data / "bench_prepare.log")
+    if not (data / "alignments").is_dir():
+        sys.exit(f"{data}/alignments: no alignments were found for the corpus")
+
+
+def train(args: argparse.Namespace, data: Path, exp: Path, overrides: list[str]) -> dict:
+    ckpt = exp / "checkpoints" / "best.pt"
+    timing = exp / "bench_train.json"
+    if ckpt.exists() and timing.exists() and not args.force:
+        print(f"train: {ckpt} exists, reused")
+        return json.loads(timing.read_text())
+    if args.force and exp.exists():
+        shutil.rmtree(exp)
+    limit = ([f"trainer.max_steps={args.steps}"] if args.steps
+             else [f"trainer.max_minutes={args.minutes}"])
+    cmd = [_tool("speechvq-train"), f"data.manifest={data / 'train.tsv'}",
+           f"data.valid_manifest={data / 'valid.tsv'}", f"out_dir={exp}", f"seed={args.seed}",
+           "trainer.valid_every=1000", *limit, *overrides]
+    start = time.perf_counter()
+    _run(cmd, exp / "bench_train.log")
+    seconds = time.perf_counter() - start
+    last = torch.load(exp / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    info = {"steps": int(last["step"]), "seconds": seconds,
+            "steps_per_second": int(last["step"]) / max(seconds, 1e-9), "overrides": overrides}
+    timing.write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def evaluate(args: argparse.Namespace, data: Path, exp: Path) -> dict:
+    units = exp / "units" / "test.txt"
+    out = exp / "eval" / "test.json"
+    if out.exists() and not args.force:
+        return json.loads(out.read_text())
+    _run([_tool("speechvq-extract"), f"checkpoint={exp / 'checkpoints' / 'best.pt'}",
+          f"data.manifest={data / 'test.tsv'}", f"out={units}", "force=true"],
+         exp / "bench_extract.log")
+    _run([_tool("speechvq-evaluate"), f"units={units}", f"alignments={data / 'alignments'}",
+          f"data.manifest={data / 'test.tsv'}", f"baseline.train_manifest={data / 'train.tsv'}",
+          f"out={out}"], exp / "bench_evaluate.log")
+    return json.loads(out.read_text())
+
+
+def table(report: dict, info: dict) -> str:
+    ours, base = report["metrics"], (report.get("baseline") or {}).get("metrics", {})
+    lines = [f"{'metric':32s}{'speechvq':>12s}{'MFCC+k-means':>14s}{'ratio':>8s}"]
+    for key, label, _ in ROWS:
+        a, b = ours.get(key), base.get(key)
+        if a is None:
+            continue
+        scale = 100.0 if key.startswith("abx") else 1.0
+        ratio = f"{a / b:8.2f}" if isinstance(b, (int, float)) and b else f"{'-':>8s}"
+        fb = f"{b * scale:14.3f}" if isinstance(b, (int, float)) else f"{'-':>14s}"
+        lines.append(f"{label:32s}{a * scale:12.3f}{fb}{ratio}")
+    lines.append(f"training: {info['steps']} steps in {info['seconds'] / 60:.1f} min "
+                 f"({info['steps_per_second']:.2f} steps/s, incl. start-up and validation)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--root", help="folder of audio (searched recursively)")
+    src.add_argument("--mini", action="store_true", help="the shipped mini corpus")
+    parser.add_argument("--alignments", help="folder of .phn/.TextGrid files (else: beside the "
+                        "audio)")
+    parser.add_argument("--speaker", default="parent", help="data.speaker of data=folder")
+    parser.add_argument("--work", required=True, help="output folder (data/ and exp*/ inside)")
+    parser.add_argument("--exp", default="exp", help="name of the experiment folder in --work")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training time")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps instead")
+    parser.add_argument("--valid", type=float, default=0.1)
+    parser.add_argument("--test", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="redo every stage")
+    args, overrides = parser.parse_known_args()
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        parser.error(f"unknown arguments {bad} (training overrides are key=value)")
+    work = Path(args.work)
+    data, exp = work / "data", work / args.exp
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    prepare(args, data)
+    info = train(args, data, exp, overrides)
+    report = evaluate(args, data, exp)
+    text = table(report, info)
+    (exp / "bench_units.txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
