@@ -427,9 +427,9 @@ class FrontEnd:
         cfg = _plain(features_cfg)
         self.features = cfg
         self.logmel = build_logmel(cfg)
-        if "normalize" not in cfg:
+        if "normalize" not in cfg and not analysis_only:
             raise ValueError("features config lacks 'normalize' (speaker|global|utterance|none)")
-        self.mode = str(cfg["normalize"])
+        self.mode = str(cfg.get("normalize", "none"))
         _check_mode(self.mode)
         self.level = str(cfg.get("level", "absolute"))
         if self.level not in LEVEL_MODES:
