@@ -4,7 +4,9 @@
 dict of named, unweighted losses, ``"loss"`` (their sum weighted by ``loss_weights``) and detached
 codebook stats. The loss names are the keys ``loss_weights`` may use:
 
-- mel model: ``recon`` (masked MSE on normalised log-mels), ``vq_codebook``, ``vq_commit``;
+- mel model: ``recon`` (masked MSE on normalised log-mels), ``vq_codebook``, ``vq_commit``,
+  ``cpc`` (contrastive prediction of future latents, :class:`speechvq.nn.cpc.CPCHead`; computed
+  only with a non-zero weight);
 - wave model: ``stft`` (multi-resolution STFT loss), ``l1`` (waveform L1), ``vq_codebook``,
   ``vq_commit``.
 
@@ -21,12 +23,13 @@ import torch
 from torch import nn
 
 from speechvq.checkpoint import load_checkpoint, load_model_state
+from speechvq.nn.cpc import CPCHead
 from speechvq.nn.decoder import MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
 from speechvq.nn.encoder import MelEncoder, WaveEncoder
 from speechvq.nn.quantizer import VectorQuantizer
 
 LOSS_NAMES = {
-    "mel": ("recon", "vq_codebook", "vq_commit"),
+    "mel": ("recon", "vq_codebook", "vq_commit", "cpc"),
     "wave": ("stft", "l1", "vq_codebook", "vq_commit"),
 }
 STAT_NAMES = ("perplexity", "usage", "dead_codes")
@@ -51,6 +54,8 @@ class VQVAE(nn.Module):
         sample_rate: audio sample rate (Hz), for ``frame_rate``.
         hop_length: mel hop in samples (mel model only; the wave model's hop is its strides').
         stft_resolutions: ``[[n_fft, hop, win], ...]`` of the wave model's STFT loss.
+        cpc: kwargs of :class:`speechvq.nn.cpc.CPCHead` minus ``dim`` (mel model; used when
+            ``loss_weights["cpc"]`` is non-zero).
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class VQVAE(nn.Module):
         sample_rate: int = 16000,
         hop_length: int | None = None,
         stft_resolutions: list[list[int]] | None = None,
+        cpc: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if kind not in LOSS_NAMES:
@@ -89,6 +95,9 @@ class VQVAE(nn.Module):
             self.samples_per_unit = self.encoder.hop_length
             self.stft_loss = MultiResolutionSTFTLoss(stft_resolutions or [[512, 128, 512]])
         self.quantizer = VectorQuantizer(**quantizer)
+        self.cpc = None
+        if self.loss_weights.get("cpc", 0.0):
+            self.cpc = CPCHead(int(self.quantizer.dim), **dict(cpc or {}))
         self.sample_rate = sample_rate
         self.frame_rate: float = sample_rate / self.samples_per_unit
         self.n_codes: int = self.quantizer.n_codes
@@ -117,6 +126,8 @@ class VQVAE(nn.Module):
         y_hat = self.decoder(z_q, batch["speaker"], mask)
         out = {**self._recon_losses(x, y_hat, mask), "vq_codebook": vq["vq_codebook"]}
         out["vq_commit"] = vq["vq_commit"]
+        if self.kind == "mel":
+            out["cpc"] = self.cpc(z, mask) if self.cpc is not None else z.new_zeros(())
         out["loss"] = sum(self.loss_weights.get(k, 0.0) * out[k] for k in LOSS_NAMES[self.kind])
         out.update({k: vq[k].detach() for k in STAT_NAMES})
         return out
