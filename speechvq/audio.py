@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 _FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16")}
+_UNKNOWN_SIZE = (0, 0xFFFFFFFF)  # what streaming writers put in a data chunk of unknown length
 
 
 class AudioError(Exception):
@@ -53,6 +55,7 @@ def _decode(path: PathLike) -> tuple[np.ndarray, int]:
         raise AudioError(path, "is a directory, not an audio file")
     if os.path.getsize(path) == 0:
         raise AudioError(path, "empty file (0 bytes)")
+    _check_riff_data(path)
     try:
         with sf.SoundFile(path) as f:
             declared = f.frames
@@ -65,6 +68,32 @@ def _decode(path: PathLike) -> tuple[np.ndarray, int]:
     if declared > 0 and data.shape[0] < declared:
         raise AudioError(path, f"truncated: decoded {data.shape[0]} of {declared} samples")
     return data, sample_rate
+
+
+def _check_riff_data(path: PathLike) -> None:
+    """A WAV (RIFF) file whose ``data`` chunk declares more bytes than the file holds is truncated:
+    libsndfile quietly decodes what is there (and reports that as the length), so compare the
+    header with the file size here. Other formats and unknown sizes (streamed WAVs) pass."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return
+            for _ in range(64):  # fmt, LIST, fact, ... come before data
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return  # no data chunk at all: libsndfile reports it
+                name, declared = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"data":
+                    present = size - f.tell()
+                    if declared not in _UNKNOWN_SIZE and present < declared:
+                        raise AudioError(path, f"truncated: its header declares {declared} bytes "
+                                               f"of audio data, the file holds {present}")
+                    return
+                f.seek(declared + (declared & 1), os.SEEK_CUR)  # chunks are padded to even sizes
+    except OSError as err:
+        raise AudioError(path, f"cannot read: {err.strerror or err}") from None
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,15 +9,21 @@ so it loads with ``torch.load(weights_only=True)`` (no pickled classes, nothing 
      "config": {...resolved hydra config...}}
 
 Every later stage rebuilds its model from ``model_config`` and ``meta`` alone. Writes are atomic:
-a temp file in the same folder, then ``os.replace``, so a crash never leaves half a checkpoint.
+a temp file in the same folder, then ``os.replace``, so a crash never leaves half a checkpoint, and
+a failed write (a full disk) keeps the previous file. This module also holds what keeps output
+folders safe: :class:`WriteError` (one line naming the file that could not be written),
+:class:`OutputLock` (one writer per output) and :func:`clean_stale_temps`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pickle
 import random
+import re
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +36,9 @@ FORMAT = "speechvq/1"
 REQUIRED_KEYS = ("format", "kind", "model_config", "meta", "model", "step")
 _SCALARS = (str, int, float, bool, type(None))  # exact types: np.float64 subclasses float
 _TORCH = (torch.Tensor, torch.dtype, torch.device, torch.Size)
+# mkstemp names: ".<name>." + 8 of [a-z0-9_] + ".tmp" (see save_checkpoint)
+_TEMP_RE = re.compile(r"^\..+\.pt\.[a-z0-9_]{8}\.tmp$")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 
 
 class CheckpointError(Exception):
@@ -43,28 +52,158 @@ class CheckpointError(Exception):
         super().__init__(f"{self.path}: {problem}")
 
 
+class WriteError(OSError):
+    """An output file that cannot be written (full disk, no permission, read-only file system).
+
+    ``str(err)`` is one line, ``cannot write <path>: <cause>``; ``err.filename`` is the path.
+    """
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def write_error(err: OSError, path: str | Path) -> WriteError:
+    """``err`` (a failed write, mkdir, rename...) as a :class:`WriteError` naming ``path``."""
+    return WriteError(err.errno, err.strerror or str(err) or "write failed", str(path))
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: torch reports a failed write of its zip writer as a
+    RuntimeError about stream positions, with the OSError as its ``__context__``."""
+    seen: BaseException | None = err
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write ``state`` (plus ``"format"``) to ``path`` atomically.
 
     Raises ``TypeError`` naming the key when a value is not a tensor or plain Python data
-    (numpy arrays, OmegaConf nodes, ... would not load with ``weights_only=True``). The file is
-    written to a temp file in the same folder and renamed over ``path``; on any error the temp
-    file is removed and ``path`` is left as it was.
+    (numpy arrays, OmegaConf nodes, ... would not load with ``weights_only=True``), and
+    :class:`WriteError` naming ``path`` when the file cannot be written (full disk, no
+    permission). The file is written to a temp file in the same folder, flushed to disk and
+    renamed over ``path``; on any error the temp file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     state = {"format": FORMAT, **state}
     _check_plain(state, "checkpoint")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as err:
+        cause = _os_error_behind(err)
+        if cause is None:
+            raise
+        raise write_error(cause, path) from err
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temp files killed checkpoint writes left in ``folder`` (``.NAME.pt.*.tmp``).
+
+    Only call it while holding the folder's :class:`OutputLock`: a live writer's temp file looks
+    the same. Returns the files removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if _TEMP_RE.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+class OutputInUseError(Exception):
+    """Another process holds the lock of an output (a run folder, a unit file).
+
+    ``str(err)`` is one line: ``<output> is in use by another <program> (pid <N>)``.
+    """
+
+
+# lock file (resolved) -> [fd, depth]: the lock is re-entrant within a process (the CLI takes it
+# before hydra starts, fit takes it again), flock itself is not (one lock per open file)
+_HELD: dict[str, list[int]] = {}
+
+
+class OutputLock:
+    """An exclusive, non-blocking ``fcntl.flock`` on ``lock_file``, describing ``output``.
+
+    Entering it creates ``lock_file`` if needed and writes ``<pid> <program>`` into it; when
+    another process holds it, :class:`OutputInUseError` is raised at once, naming ``output``, the
+    holder's program and pid. The kernel drops the lock when its process ends (even when killed),
+    so a stale lock file never blocks a run; the file itself is left in place (unlinking a lock
+    file races with processes opening it). Re-entering in the same process nests.
+    """
+
+    def __init__(self, lock_file: str | Path, output: str | Path | None = None,
+                 program: str | None = None) -> None:
+        self.lock_file = Path(lock_file)
+        self.output = Path(output) if output is not None else self.lock_file
+        self.program = program or Path(sys.argv[0]).name or "python"
+        self._key = ""
+
+    def __enter__(self) -> OutputLock:
+        self._key = os.path.realpath(self.lock_file)
+        if self._key in _HELD:
+            _HELD[self._key][1] += 1
+            return self
+        try:
+            self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise write_error(err, self.lock_file) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "?"
+            program = holder[1] if len(holder) > 1 else "process"
+            raise OutputInUseError(
+                f"{self.output} is in use by another {program} (pid {pid})"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.program}\n".encode(), 0)
+        except OSError as err:
+            os.close(fd)
+            raise write_error(err, self.lock_file) from None
+        _HELD[self._key] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        entry = _HELD[self._key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[self._key]
+            os.close(entry[0])  # releases the flock
 
 
 def load_checkpoint(
@@ -88,16 +227,7 @@ def load_checkpoint(
         raise CheckpointError(path, "no such checkpoint file")
     if not path.is_file():
         raise CheckpointError(path, "is not a file (expected a checkpoint .pt file)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            path, f"not a speechvq checkpoint: it holds more than tensors and plain data ({err})"
-        ) from err
-    except Exception as err:  # RuntimeError/EOFError/... for truncated or foreign files
-        raise CheckpointError(
-            path, f"not a speechvq checkpoint: cannot be read ({type(err).__name__}: {err})"
-        ) from err
+    ckpt = _torch_load(path, map_location)
     if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("speechvq/"):
         raise CheckpointError(path, "not a speechvq checkpoint (no 'format': 'speechvq/...' key)")
     if ckpt["format"] != FORMAT:
@@ -109,6 +239,41 @@ def load_checkpoint(
     for key in (*REQUIRED_KEYS, *required):
         _get_dotted(ckpt, key, path)
     return ckpt
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)``; anything else (a text file, a truncated or pickled
+    file) is a one-line :class:`CheckpointError`, never torch's multi-line advice."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+    except OSError as err:
+        raise CheckpointError(path, f"cannot be read ({err.strerror})") from None
+    if head != _ZIP_MAGIC:
+        what = "an empty file" if not head else f"a file starting with {head!r}"
+        raise CheckpointError(
+            path, f"not a speechvq checkpoint (not a torch.save zip archive: {what})"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        extra = f": {found.group(1)}" if found else ""
+        raise CheckpointError(
+            path, f"not a speechvq checkpoint (it holds objects other than tensors and plain "
+            f"data{extra})"
+        ) from None
+    except Exception as err:  # RuntimeError/EOFError/... for truncated or foreign files
+        raise CheckpointError(
+            path, f"not a speechvq checkpoint (cannot be read: {type(err).__name__}: "
+            f"{_first_sentence(str(err))})"
+        ) from None
+
+
+def _first_sentence(text: str) -> str:
+    """The first line of ``text`` up to its first full stop (torch appends paragraphs)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.split(". ")[0].rstrip(".")
 
 
 def checkpoint_key(ckpt: Mapping, key: str, path: str | Path = "<checkpoint>") -> Any:

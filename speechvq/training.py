@@ -9,7 +9,11 @@ Exact resume: the order of training batches is a pure function of (seed, epoch, 
 checkpoint stores the epoch and the batch offset inside it, every rank's RNG state, and the
 optimizer / scheduler / scaler state; validation and media run with the RNG state saved and put
 back, so when they happen cannot change the training run. A run of 2N steps and a run of N steps
-resumed to 2N end with the same weights.
+resumed to 2N end with the same weights. The train/* interval being averaged at a save is saved
+too, so a resumed run logs the TensorBoard points an uninterrupted one logs.
+
+One run per folder: :func:`fit` holds ``OUT/.lock`` (:func:`run_lock`) and a second run into the
+same folder is refused at once; temp files of killed checkpoint writes are removed at the start.
 """
 
 from __future__ import annotations
@@ -37,9 +41,19 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from speechvq.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from speechvq.checkpoint import (
+    OutputLock,
+    capture_rng,
+    clean_stale_temps,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    write_error,
+)
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"  # in the run folder: one writer per run (see run_lock)
 
 
 class TrainingError(Exception):
@@ -349,6 +363,36 @@ class _StopFlag:
 # --------------------------------------------------------------------------- the loop
 
 
+def run_lock(out_dir: str | Path, program: str | None = None) -> OutputLock:
+    """The lock that keeps a second run out of ``out_dir`` (``OUT/.lock``; see
+    :class:`speechvq.checkpoint.OutputLock`): :func:`fit` holds it, so do the CLIs from before
+    anything of the run folder is written."""
+    return OutputLock(Path(out_dir) / LOCK_FILE, out_dir, program)
+
+
+def resume_path(out_dir: str | Path, resume: bool | str | None) -> Path | None:
+    """The checkpoint a run into ``out_dir`` continues from (None: a fresh run), or the
+    :class:`TrainingError` refusing it: ``resume=False`` with a ``last.pt`` there, ``resume=True``
+    without one. Reads only: the CLIs call it before anything of the run is written."""
+    last = Path(out_dir) / "checkpoints" / "last.pt"
+    if isinstance(resume, str) and resume.lower() in ("true", "false", "auto"):
+        resume = {"true": True, "false": False, "auto": "auto"}[resume.lower()]
+    if resume is False or resume is None:
+        if last.exists():
+            raise TrainingError(
+                f"{last} already exists: pass resume=true to continue that run, or choose "
+                "another out_dir"
+            )
+        return None
+    if resume == "auto":
+        return last if last.exists() else None
+    if resume is True:
+        if not last.exists():
+            raise TrainingError(f"{last}: no checkpoint to resume from (resume=true)")
+        return last
+    return Path(resume)
+
+
 def fit(
     task: Task,
     trainer_cfg: Mapping,
@@ -371,6 +415,10 @@ def fit(
         seed: seeds the data order and this run's RNG streams (rank r uses ``seed + r``).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``.
         config: the resolved run config (plain data), saved in every checkpoint.
+    Raises:
+        TrainingError: a run that cannot start (see :func:`resume_path`) or go on.
+        speechvq.checkpoint.OutputInUseError: another process is training into ``out_dir``.
+        speechvq.checkpoint.WriteError: a file of the run cannot be written (full disk, ...).
     Returns:
         ``{"step", "stopped" ("max_steps" | "max_minutes" | "interrupt" | "sigterm"), "best",
         "valid_loss", "train_loss", "last", "best_path"}``.
@@ -378,8 +426,11 @@ def fit(
     tc = TrainerConfig.from_mapping(trainer_cfg)
     info = init_distributed(device)
     try:
-        loop = _Loop(task, tc, Path(out_dir), info, seed, device, dict(config or {}))
-        return loop.run(resume)
+        # rank 0 writes the run folder: it alone holds the lock (flock is per process)
+        lock = run_lock(out_dir) if info.is_main else contextlib.nullcontext()
+        with lock:
+            loop = _Loop(task, tc, Path(out_dir), info, seed, device, dict(config or {}))
+            return loop.run(resume)
     finally:
         if info.owned and dist.is_initialized():
             dist.destroy_process_group()
@@ -415,27 +466,9 @@ class _Loop:
         self._bad_in_a_row = 0
         self._last_saved = -1
         self._last_train_loss: float | None = None
+        self._t_log, self._s_log = 0.0, 0  # time and step of the last train/* log
 
     # ---- setup
-    def _resume_path(self, resume: bool | str) -> Path | None:
-        last = self.ckpt_dir / "last.pt"
-        if isinstance(resume, str) and resume.lower() in ("true", "false", "auto"):
-            resume = {"true": True, "false": False, "auto": "auto"}[resume.lower()]
-        if resume is False or resume is None:
-            if last.exists():
-                raise TrainingError(
-                    f"{last} already exists: pass resume=true to continue that run, or choose "
-                    "another out_dir"
-                )
-            return None
-        if resume == "auto":
-            return last if last.exists() else None
-        if resume is True:
-            if not last.exists():
-                raise TrainingError(f"{last}: no checkpoint to resume from (resume=true)")
-            return last
-        return Path(resume)
-
     def _load(self, path: Path) -> dict:
         ckpt = load_checkpoint(path, kind=self.task.kind,
                                required=("optimizer", "scheduler", "rng"))
@@ -482,6 +515,26 @@ class _Loop:
             restore_rng(states[0])
             torch.manual_seed(self.seed + self.info.rank + 7919 * self.step)
 
+    def _log_state(self) -> dict:
+        """This rank's part of the running train/* interval (what the next log averages)."""
+        return {"acc": {k: torch.as_tensor(v).detach().cpu() for k, v in self._acc.items()},
+                "n": self._acc_n}
+
+    def _restore_log_state(self, ckpt: dict) -> None:
+        """Put back the interval being accumulated when the checkpoint was saved, so the first
+        train/* point after a resume is the one an uninterrupted run logs."""
+        state = ckpt.get("train_log")
+        if not state:  # a checkpoint from before train_log was saved
+            return
+        ranks = state["ranks"]
+        if len(ranks) == self.info.world_size:
+            mine = ranks[self.info.rank]
+            self._acc = {k: v.to(self.device) for k, v in mine["acc"].items()}
+            self._acc_n = int(mine["n"])
+        self._interval_loss = [float(v) for v in state["interval_loss"]]
+        self._skipped = int(state["skipped"])
+        self._bad_in_a_row = int(state["bad_in_a_row"])
+
     def _wrap_ddp(self) -> None:
         if not self.info.enabled:
             return
@@ -499,54 +552,14 @@ class _Loop:
     # ---- the run
     def run(self, resume: bool | str) -> dict:
         start_time = time.monotonic()
-        path = self._resume_path(resume)
-        ckpt = self._load(path) if path is not None else None
-        self._wrap_ddp()
-        if ckpt is not None:
-            self._restore_rng(ckpt)
-            del ckpt
-        else:
-            seed_everything(self.seed + self.info.rank)
-        n_train = len(self.task.train_set)  # type: ignore[arg-type]
-        per_epoch = len(train_batches(n_train, self.tc.batch_size, self.seed, 0, 0,
-                                      self.info.world_size))
-        if per_epoch == 0:
-            raise TrainingError(
-                f"the training set has {n_train} items, fewer than batch_size "
-                f"({self.tc.batch_size}) x ranks ({self.info.world_size}): lower trainer.batch_size"
-            )
-        if self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.out_dir / "tb"),
-                                        purge_step=self.step if path is not None else None)
-            log.info("training %s on %s (%s, %d rank(s)): %d items, %d steps per epoch",
-                     self.task.kind, self.device, self.dtype or "fp32", self.info.world_size,
-                     n_train, per_epoch)
-            if self.task.valid_set is None:
-                log.info("no validation set: best.pt keeps the lowest training loss per interval")
+        self._start(resume_path(self.out_dir, resume))
         stopped = "max_steps" if self.step >= self.tc.max_steps else None
         bar = tqdm(total=self.tc.max_steps, initial=self.step, unit="step",
                    disable=not self.info.is_main, dynamic_ncols=True)
         with _StopFlag() as flag, logging_redirect_tqdm(), bar:
-            t_log, s_log = time.monotonic(), self.step
+            self._t_log, self._s_log = time.monotonic(), self.step
             while stopped is None:
-                for batch in self._epoch_loader():
-                    if batch is None:  # every item unreadable (collate dropped them all)
-                        self.batch_in_epoch += 1
-                        continue
-                    self._train_step(batch)
-                    bar.update(1)
-                    stopped = self._stop_reason(flag, start_time)
-                    if self.step % self.tc.log_every == 0 or stopped:
-                        now = time.monotonic()
-                        self._log_train(bar, (self.step - s_log) / max(now - t_log, 1e-9))
-                        t_log, s_log = now, self.step
-                    self._after_step(final=stopped is not None)
-                    if stopped:
-                        break
-                else:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
+                stopped = self._run_epoch(flag, bar, start_time)
             if self._last_saved != self.step:
                 self._save(final=True)
         if self.writer is not None:
@@ -561,6 +574,65 @@ class _Loop:
             "valid_loss": self.valid_loss, "train_loss": self._last_train_loss,
             "last": str(self.ckpt_dir / "last.pt"), "best_path": str(self.ckpt_dir / "best.pt"),
         }
+
+    def _start(self, path: Path | None) -> None:
+        """Load ``path`` (or seed a fresh run), check the training set, open TensorBoard."""
+        ckpt = self._load(path) if path is not None else None
+        self._wrap_ddp()
+        if ckpt is not None:
+            self._restore_rng(ckpt)
+            self._restore_log_state(ckpt)
+            del ckpt
+        else:
+            seed_everything(self.seed + self.info.rank)
+        n_train = len(self.task.train_set)  # type: ignore[arg-type]
+        per_epoch = len(train_batches(n_train, self.tc.batch_size, self.seed, 0, 0,
+                                      self.info.world_size))
+        if per_epoch == 0:
+            raise TrainingError(
+                f"the training set has {n_train} items, fewer than batch_size "
+                f"({self.tc.batch_size}) x ranks ({self.info.world_size}): lower trainer.batch_size"
+            )
+        if not self.info.is_main:
+            return
+        for stale in clean_stale_temps(self.ckpt_dir):  # under the run lock: no live writer
+            log.info("removed %s, left by a checkpoint write that was killed", stale)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # events after the checkpoint's step were logged by the run that is being continued
+            # (and are logged again now); those at its step were logged before it was saved
+            self.writer = SummaryWriter(str(self.out_dir / "tb"),
+                                        purge_step=self.step + 1 if path is not None else None)
+        except OSError as err:
+            raise write_error(err, err.filename or self.out_dir / "tb") from None
+        log.info("training %s on %s (%s, %d rank(s)): %d items, %d steps per epoch",
+                 self.task.kind, self.device, self.dtype or "fp32", self.info.world_size,
+                 n_train, per_epoch)
+        if self.task.valid_set is None:
+            log.info("no validation set: best.pt keeps the lowest training loss per interval")
+
+    def _run_epoch(self, flag: _StopFlag, bar: tqdm, start_time: float) -> str | None:
+        """Train through the rest of this epoch; the stop reason, or None at the epoch's end."""
+        for batch in self._epoch_loader():
+            if batch is None:  # every item unreadable (collate dropped them all)
+                self.batch_in_epoch += 1
+                continue
+            self._train_step(batch)
+            bar.update(1)
+            stopped = self._stop_reason(flag, start_time)
+            if self.step % self.tc.log_every == 0 or stopped == "max_steps":
+                now = time.monotonic()
+                self._log_train(bar, (self.step - self._s_log) / max(now - self._t_log, 1e-9))
+                self._t_log, self._s_log = now, self.step
+            elif stopped:  # the interval goes on after a resume: it is saved, not logged
+                self._last_train_loss = self._reduce_means(
+                    {k: v / self._acc_n for k, v in self._acc.items()})["loss"]
+            self._after_step(final=stopped is not None)
+            if stopped:
+                return stopped
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        return None
 
     def _epoch_loader(self) -> DataLoader:
         n_items = len(self.task.train_set)  # type: ignore[arg-type]
@@ -723,12 +795,12 @@ class _Loop:
     def _save(self, best: bool = False, final: bool = False) -> None:
         """Write last.pt (or best.pt): collective under DDP (replica check, RNG gather)."""
         replicas = verify_replicas(self.raw, self.info)
-        rng = capture_rng()
+        mine = {"rng": capture_rng(), "log": self._log_state()}
         if self.info.enabled:
             ranks: list[Any] = [None] * self.info.world_size
-            dist.all_gather_object(ranks, rng)
+            dist.all_gather_object(ranks, mine)
         else:
-            ranks = [rng]
+            ranks = [mine]
         if not self.info.is_main:
             self._last_saved = self.step if not best else self._last_saved
             return
@@ -743,7 +815,9 @@ class _Loop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"world_size": self.info.world_size, "ranks": ranks},
+            "rng": {"world_size": self.info.world_size, "ranks": [r["rng"] for r in ranks]},
+            "train_log": {"ranks": [r["log"] for r in ranks], "interval_loss": self._interval_loss,
+                          "skipped": self._skipped, "bad_in_a_row": self._bad_in_a_row},
             "best": self.best,
             "valid_loss": self.valid_loss,
             "replicas": replicas,

@@ -69,6 +69,8 @@ MAX_CJK_UNITS = CJK_LAST - CJK_BASE + 1  # 20992 CJK Unified Ideographs
 INT16_MAX = np.iinfo(np.int16).max
 KM_DICT = "dict.km.txt"
 _SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
+# sidecar keys naming the exact files beside it (speechvq-extract writes them): not carried over
+_FILE_HASHES = ("units_hash", "durations_hash")
 _SUFFIX_FORMATS = {".npz": "npy", ".npy": "npy", ".km": "km", ".gslm": "gslm", ".kaldi": "kaldi"}
 
 
@@ -307,6 +309,10 @@ def write_units(
     ``durations=`` writes already deduplicated ``units`` with the given run lengths. Otherwise a
     stale ``FILE.durations`` from an earlier run is removed. ``n_codes`` sizes ``dict.km.txt``
     (``km`` format; default: largest unit + 1). Ids may not contain whitespace (nor ``|`` for gslm).
+
+    A unit file never sits beside durations written for other units, even when the process is
+    killed half-way: when durations are written or removed, the old unit file goes first, the
+    durations come next and the new unit file last.
     """
     path = Path(path)
     fmt = _check_format(format)
@@ -317,22 +323,23 @@ def write_units(
     if durations is not None and set(durations) != set(units):
         raise ValueError(f"{path}: units and durations hold different ids")
     _check_ids(path, units, fmt)
-    if fmt == "npy":
-        _write_npz(path, units, np.int16)
-    else:
-        _write_lines(path, units, fmt, spaced=False)
-    if fmt == "km":
-        top = max((int(np.max(s)) for s in units.values() if len(s)), default=-1) + 1
-        _write_km_dict(path, max(n_codes or 0, top))
     dpath = durations_path(path)
+    if durations is not None or dpath.exists():
+        path.unlink(missing_ok=True)
+        dpath.unlink(missing_ok=True)
     if durations is not None:
         ordered = {utt: durations[utt] for utt in units}
         if fmt == "npy":
             _write_npz(dpath, ordered, np.int32)
         else:
             _write_lines(dpath, ordered, fmt, spaced=True)
+    if fmt == "km":
+        top = max((int(np.max(s)) for s in units.values() if len(s)), default=-1) + 1
+        _write_km_dict(path, max(n_codes or 0, top))
+    if fmt == "npy":
+        _write_npz(path, units, np.int16)
     else:
-        dpath.unlink(missing_ok=True)
+        _write_lines(path, units, fmt, spaced=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +499,8 @@ def convert_units(
     write_units(dst, units, format, durations=durations, n_codes=meta.get("n_codes"))
     if meta or format == "km":
         meta.update(format=format, dedup=durations is not None)
-        meta.pop("ids", None)
+        for key in ("ids", *_FILE_HASHES):  # the source's files, not these
+            meta.pop(key, None)
         if format == "km":
             meta["ids"] = list(units)
         write_sidecar(dst, meta)
@@ -544,7 +552,8 @@ def merge_shards(path: str | os.PathLike, nshards: int, remove: bool = False) ->
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 counts[key] = counts.get(key, 0) + value
     merged["counts"] = counts
-    merged.pop("ids", None)
+    for key in ("ids", *_FILE_HASHES):  # shard 0's files, not the merged ones
+        merged.pop(key, None)
     if fmt == "km":
         merged["ids"] = list(units)
     write_sidecar(path, merged)

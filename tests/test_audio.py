@@ -131,6 +131,30 @@ def test_flac_cut_at_a_frame_boundary_is_truncated(tmp_path, monkeypatch):
         load_audio(path, SR)
 
 
+def test_a_truncated_wav_is_refused_not_read_at_half_length(tmp_path):
+    """libsndfile decodes what a cut WAV holds and reports that as its length: the header's data
+    chunk size against the bytes present tells."""
+    import struct
+
+    full = tmp_path / "full.wav"
+    sf.write(full, _tone(200, 1.0, SR), SR)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: len(data) // 2])
+    for fn in (load_audio, inspect_audio):
+        with pytest.raises(AudioError, match="truncated: its header declares 32000 bytes") as err:
+            fn(cut, SR)
+        assert err.value.path == str(cut)
+    # a streamed WAV (data size unknown: 0xFFFFFFFF) and a WAV with a trailing chunk still load
+    streamed = bytearray(data)
+    at = streamed.find(b"data")
+    streamed[at + 4 : at + 8] = struct.pack("<I", 0xFFFFFFFF)
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    assert load_audio(tmp_path / "streamed.wav", SR).numel() == SR
+    (tmp_path / "tail.wav").write_bytes(data + b"LIST\x04\x00\x00\x00abcd")
+    assert load_audio(tmp_path / "tail.wav", SR).numel() == SR
+
+
 def test_digital_silence_is_refused_by_inspection_only(tmp_path):
     # prepare inspects every file: an all-zero file is rejected with a reason naming it; loading
     # it (e.g. during extraction) still works, so units can be asked of anything.

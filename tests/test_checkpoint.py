@@ -13,9 +13,11 @@ from omegaconf import OmegaConf
 from speechvq.checkpoint import (
     FORMAT,
     CheckpointError,
+    WriteError,
     capture_rng,
     checkpoint_hash,
     checkpoint_key,
+    clean_stale_temps,
     load_checkpoint,
     load_model_state,
     restore_rng,
@@ -95,6 +97,48 @@ def test_failed_save_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
 
 
+def test_full_disk_is_one_line_naming_the_checkpoint_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """ENOSPC inside torch's writer comes out of torch.save as a RuntimeError about stream
+    positions; the user must read which file could not be written and why."""
+    import errno
+    import os
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _state())
+    before = path.read_bytes()
+    real = torch.save
+
+    class Full:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real(obj, Full(f), *a, **k))
+    with pytest.raises(WriteError) as err:
+        save_checkpoint(path, {**_state(), "step": 99})
+    assert str(err.value) == f"cannot write {path}: No space left on device"
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_clean_stale_temps_removes_only_checkpoint_temp_files(tmp_path: Path) -> None:
+    stale = [tmp_path / ".last.pt.abcd1234.tmp", tmp_path / ".best.pt.x_y_z_00.tmp"]
+    kept = [tmp_path / "last.pt", tmp_path / ".units.txt.abcd1234.tmp", tmp_path / ".last.pt.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(clean_stale_temps(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert clean_stale_temps(tmp_path / "missing") == []
+
+
 def test_non_plain_values_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"checkpoint\.meta\.stats.*numpy"):
         save_checkpoint(tmp_path / "x.pt", {**_state(), "meta": {"stats": np.zeros(3)}})
@@ -130,6 +174,31 @@ def test_not_a_speechvq_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(truncated)
     with pytest.raises(CheckpointError, match="not a file"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["hello", "checkpoint", '{"step": 1}', "#!/bin/sh\nexit 0\n", ""])
+def test_a_text_file_is_one_line_not_a_checkpoint(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "model.pt"
+    path.write_text(text)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a speechvq checkpoint (not a torch.save zip archive")
+    assert "\n" not in message and "weights_only" not in message and "KeyError" not in message
+
+
+def test_pickled_objects_and_corrupt_archives_are_one_line(tmp_path: Path) -> None:
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": FORMAT, "obj": Path("x")}, pickled)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(pickled)
+    assert "\n" not in str(err.value) and "objects other than tensors" in str(err.value)
+    assert "PosixPath" in str(err.value)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(corrupt)
+    assert "\n" not in str(err.value) and "If you are seeing this error" not in str(err.value)
 
 
 def test_wrong_kind_and_missing_keys(tmp_path: Path) -> None:

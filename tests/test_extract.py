@@ -201,6 +201,27 @@ def test_rerun_is_skipped_until_something_changes(corpus, tmp_path, capsys):
     assert "already done" not in capsys.readouterr().out
 
 
+def test_sidecar_describes_the_files_beside_it(corpus, tmp_path, capsys):
+    """Units replaced after the sidecar was written (another run, another checkpoint): the re-run
+    of the first is not "already done", it extracts again and the sidecar matches again."""
+    out = tmp_path / "u.txt"
+    args = [f"checkpoint={corpus['ckpt']}", f"data.manifest={corpus['manifest']}", f"out={out}",
+            "dedup=true"]
+    _run(args)
+    meta = json.loads(U.sidecar_path(out).read_text())
+    assert meta["units_hash"] == extract._file_hash(out)
+    assert meta["durations_hash"] == extract._file_hash(U.durations_path(out))
+    mine = out.read_bytes()
+    theirs = {utt: (seq + 1) % 32 for utt, seq in U.read_units(out, expand=True).items()}
+    U.write_units(out, theirs, "gslm", dedup=True)  # as another run would have left them
+    capsys.readouterr()
+    _run(args)
+    assert "already done" not in capsys.readouterr().out
+    assert out.read_bytes() == mine
+    _run(args)
+    assert "already done" in capsys.readouterr().out
+
+
 def test_shards_merge_to_the_whole(corpus, tmp_path, capsys):
     common = [f"checkpoint={corpus['ckpt']}", f"data.manifest={corpus['manifest']}",
               "format=kaldi", "dedup=true"]
@@ -215,6 +236,8 @@ def test_shards_merge_to_the_whole(corpus, tmp_path, capsys):
         tmp_path / "all.txt.durations").read_text()
     meta = json.loads((tmp_path / "sharded.txt.json").read_text())
     assert meta["counts"]["utterances"] == 9 and len(meta["rejected"]) == 1
+    assert meta["units_hash"] == extract._file_hash(tmp_path / "sharded.txt")  # not shard 0's
+    assert meta["durations_hash"] == extract._file_hash(tmp_path / "sharded.txt.durations")
 
 
 def test_stage_errors(corpus, tmp_path):

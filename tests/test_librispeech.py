@@ -440,6 +440,12 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
         (_member("LibriSpeech/dev-clean/evil", tarfile.SYMTYPE, "../../../.."), "points outside"),
         (_member("LibriSpeech/dev-clean/evil", tarfile.SYMTYPE, "/etc/passwd"), "absolute path"),
         (_member("LibriSpeech/dev-clean/evil", tarfile.LNKTYPE, "../outside"), "'..'|outside"),
+        # inside the archive's root, but out of the subset folder that is kept: once moved, it
+        # would point at the download folder and the subset's manifest would pick up its files
+        (_member("LibriSpeech/dev-clean/evil", tarfile.SYMTYPE, "../.."),
+         "points outside LibriSpeech/dev-clean/"),
+        (_member("LibriSpeech/dev-clean/1272/evil", tarfile.SYMTYPE, "../../dev-other"),
+         "points outside LibriSpeech/dev-clean/"),
     ],
 )
 @pytest.mark.parametrize("python_filter", [True, False])
@@ -471,6 +477,8 @@ def test_safe_extract_accepts_links_inside_the_target(tmp_path):
         tar.addfile(_member("a/sym", tarfile.SYMTYPE, "file.txt"))
     ls.safe_extract(archive, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "a" / "sym").read_bytes() == b"x"
+    ls.safe_extract(archive, tmp_path / "kept", progress=False, link_root="a")
+    assert (tmp_path / "kept" / "a" / "sym").read_bytes() == b"x"
 
 
 def test_a_changed_checksum_source_fetches_again(tmp_path, server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,34 @@ def test_cli_folder_acceptance(tmp_path):
     assert sorted(stats["speakers"]) == list(SPEAKERS)
     assert stats["global"]["frames"] == sum(r.num_samples // 160 for r in splits["train"])
     assert len(stats["global"]["mean"]) == stats["features"]["n_mels"] == 80
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r"}.get(m[1], m[1]), field)
+
+
+def test_truncated_wav_and_odd_file_names_in_rejected_tsv(tmp_path):
+    """A WAV cut in half is rejected (not kept at half its length); names holding a tab, a newline
+    or a backslash stay one escaped line of two fields in rejected.tsv."""
+    root, out = tmp_path / "audio", tmp_path / "out"
+    _make_folder(root, per_speaker=4)
+    data = (root / "alice" / "u000.wav").read_bytes()  # 22.05 kHz stereo
+    cut = root / "alice" / "cut.wav"
+    cut.write_bytes(data[: len(data) // 2])
+    odd = [root / "bob" / "tab\there.wav", root / "bob" / "new\nline.wav",
+           root / "bob" / "back\\slash.wav"]
+    for path in odd:
+        path.write_text("not audio\n" * 50)
+    prepare.run(_cfg("data=folder", f"data.root={root}", f"out_dir={out}", "stats=false",
+                     "data.split.by=utterance"))
+    lines = (out / "rejected.tsv").read_text().split("\n")
+    assert lines[0] == "path\treason" and lines[-1] == ""
+    fields = [line.split("\t") for line in lines[1:-1]]
+    assert all(len(f) == 2 for f in fields), fields
+    reasons = {_unescape(path): reason for path, reason in fields}
+    assert set(reasons) == {str(cut), *map(str, odd)}
+    assert reasons[str(cut)].startswith("truncated: its header declares")
+    assert "cut" not in {r.id.split("_")[-1] for r in read_manifest(out / "manifest.tsv")}
 
 
 def _ids(split: dict) -> dict:

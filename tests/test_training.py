@@ -477,3 +477,117 @@ def test_resume_takes_the_new_learning_rate(tmp_path: Path) -> None:
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["lr"] == 0.5 and group["weight_decay"] == 0.1
     assert ckpt["scheduler"]["base_lrs"] == [0.5]
+
+
+# ---------------------------------------------------------------- faults: full disk, kills, resume
+
+
+def _fail_saves_from(monkeypatch, step: int) -> None:
+    """torch.save fails as on a full disk (inside its writer, as a real one does) from ``step``."""
+    import errno
+
+    real = torch.save
+
+    class _Full:
+        def __init__(self, f) -> None:
+            self.f, self.written = f, 0
+
+        def write(self, data) -> int:
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    def save(obj, f, *args, **kwargs):
+        target = _Full(f) if obj.get("step", 0) >= step else f
+        return real(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    from speechvq.checkpoint import WriteError
+
+    _fail_saves_from(monkeypatch, step=8)
+    with pytest.raises(WriteError) as err:
+        fit(_ToyTask(), _trainer(max_steps=12), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert str(err.value) in (f"cannot write {last}: No space left on device",
+                              f"cannot write {last.with_name('best.pt')}: No space left on device")
+    assert load_checkpoint(last)["step"] == 4  # the previous good checkpoint survives
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # no temp
+
+
+def test_cli_full_disk_is_one_line_naming_the_file(tmp_path: Path, corpus) -> None:
+    import subprocess
+    import sys
+
+    train, valid = corpus
+    exp = tmp_path / "exp"
+    script = (
+        "import errno, os, sys, torch\n"
+        "real = torch.save\n"
+        "def save(obj, f, *a, **k):\n"
+        "    if obj.get('step', 0) >= 2:\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "    return real(obj, f, *a, **k)\n"
+        "torch.save = save\n"
+        "from speechvq.cli.train import main\n"
+        "sys.argv = ['speechvq-train', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    args = [f"data.manifest={train}", f"out_dir={exp}", "data.crop_seconds=0.32",
+            "trainer.max_steps=3", "trainer.save_every=1", "trainer.valid_every=null",
+            "trainer.media_every=null", "trainer.batch_size=2", "trainer.precision=fp32",
+            *TINY_MEL]
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "ERROR" in ln or "Traceback" in ln]
+    assert proc.returncode == 2, lines[-20:]
+    assert len(errors) == 1, errors
+    last = exp / "checkpoints" / "last.pt"
+    assert errors[0].endswith(f"cannot write {last}: No space left on device")
+    assert load_checkpoint(last)["step"] == 1
+
+
+def test_stale_checkpoint_temps_are_removed_when_a_run_resumes(tmp_path: Path) -> None:
+    fit(_ToyTask(), _trainer(max_steps=4), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    stale = [ckpts / ".last.pt.k2j_x9ab.tmp", ckpts / ".best.pt.0abcdefg.tmp"]
+    others = [ckpts / ".notes.tmp", ckpts / "last.pt.bak", ckpts / ".last.pt.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"debris of a killed write")
+    fit(_ToyTask(), _trainer(max_steps=6), tmp_path, resume=True)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in others)  # only the checkpoint writes' temp pattern
+
+
+def _scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    skip = ("train/steps_per_sec",)  # wall-clock
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"] if tag not in skip}
+
+
+@pytest.mark.parametrize("kill_at", [6, 7, 8])  # a log step, neither, a save step
+def test_tensorboard_of_a_resumed_run_equals_the_uninterrupted_one(tmp_path: Path,
+                                                                    kill_at: int) -> None:
+    """log_every=3 does not divide save_every=4: the interval running at the save goes on."""
+    tc = _trainer(max_steps=14, log_every=3, save_every=4, valid_every=4, media_every=None)
+    fit(_ToyTask(n_valid=None), tc, tmp_path / "full")
+    task = _ToyTask(n_valid=None)
+    task.on_step = lambda n: os.kill(os.getpid(), signal.SIGTERM) if n == kill_at else None
+    assert fit(task, tc, tmp_path / "split")["stopped"] == "sigterm"
+    fit(_ToyTask(n_valid=None), tc, tmp_path / "split", resume=True)
+    full, split = _scalars(tmp_path / "full/tb"), _scalars(tmp_path / "split/tb")
+    assert [s for s, _ in full["train/loss"]] == [3, 6, 9, 12, 14]
+    assert split == full
+    _assert_same_weights(tmp_path / "full/checkpoints/best.pt",
+                         tmp_path / "split/checkpoints/best.pt")

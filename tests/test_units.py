@@ -176,6 +176,59 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u.txt"]  # no temp files left
 
 
+class _Killed(BaseException):
+    """A kill between two renames (not an Exception: nothing may catch it)."""
+
+
+def _rewrite_killed_at(monkeypatch, kill_at: int, path, units, fmt: str, dedup: bool) -> bool:
+    """``write_units`` killed just before its ``kill_at``-th atomic write; True if it finished."""
+    real, calls = U._atomic_write, []
+
+    def write(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == kill_at:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(U, "_atomic_write", write)
+    try:
+        U.write_units(path, units, fmt, dedup=dedup)
+        return True
+    except _Killed:
+        return False
+    finally:
+        monkeypatch.setattr(U, "_atomic_write", real)
+
+
+@pytest.mark.parametrize("fmt", ["gslm", "kaldi", "npy"])
+@pytest.mark.parametrize("old_dedup,new_dedup", [(True, True), (True, False), (False, True)])
+def test_a_killed_rewrite_never_pairs_units_with_other_durations(
+    tmp_path, monkeypatch, fmt, old_dedup, new_dedup
+):
+    """Killed before any of its renames, the rewrite of a unit file leaves the old pair, the new
+    pair or no unit file -- never new units beside old durations (nor old units without theirs)."""
+    old, new = _corpus(seed=1), _corpus(seed=2)
+    versions = []
+    for name, units, dedup in (("old", old, old_dedup), ("new", new, new_dedup)):
+        ref = tmp_path / f"ref_{name}{SUFFIX[fmt]}"
+        U.write_units(ref, units, fmt, dedup=dedup)
+        versions.append((U.read_units(ref, fmt), U.read_durations(ref, fmt)))
+    for kill_at in itertools.count(1):
+        path = tmp_path / f"k{kill_at}" / f"units{SUFFIX[fmt]}"
+        U.write_units(path, old, fmt, dedup=old_dedup)
+        finished = _rewrite_killed_at(monkeypatch, kill_at, path, new, fmt, new_dedup)
+        if path.exists():
+            units, durations = U.read_units(path, fmt), U.read_durations(path, fmt)
+            assert any(
+                _same(units, v_units) and (durations is None) == (v_durations is None)
+                and (durations is None or _same(durations, v_durations))
+                for v_units, v_durations in versions
+            ), kill_at
+        if finished:
+            assert _same(U.read_units(path, fmt), versions[1][0])
+            break
+
+
 # ------------------------------------------------------------------------------- shards
 
 

@@ -3,15 +3,23 @@
 Every ``speechvq-*`` console script is ``main = hydra_main("<config name>", run)`` where ``run(cfg)``
 only calls the library. Configs live in the repository's top-level ``conf/`` folder; set
 ``SPEECHVQ_CONF`` to use another copy.
+
+Before hydra starts (it writes its log file and ``.hydra/`` into the run folder at once), the
+config is composed and checked, the run folder is checked to be writable and a stage's ``claim``
+hook may refuse the run or lock the folder: a refused run leaves the folder as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import hydra
@@ -40,6 +48,40 @@ def conf_dir() -> Path:
 
 class StageError(Exception):
     """An error a stage reports to the user as one clear line (no traceback)."""
+
+
+# errors that only writing gives: "cannot write FILE: cause" even when the library did not say so
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _write_problem(err: OSError) -> str | None:
+    """One line for a failed write of an output, or None when ``err`` is not one."""
+    from speechvq.checkpoint import WriteError
+
+    if isinstance(err, WriteError):
+        return str(err)
+    if err.errno in _WRITE_ERRNOS:
+        where = f" {err.filename}" if err.filename else " the output"
+        return f"cannot write{where}: {err.strerror}"
+    return None
+
+
+def probe_writable(folder: str | os.PathLike) -> str | None:
+    """Create ``folder`` and write (and remove) a small file in it: None when that works, else one
+    line ``cannot write FOLDER: cause`` (no permission, read-only, disk or quota full)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".speechvq-probe.", suffix=".tmp")
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as err:
+        return f"cannot write {err.filename or folder}: {err.strerror or err}"
+    return None
 
 
 def _one_line(err: Exception) -> str:
@@ -75,13 +117,14 @@ def _missing_values(cfg: DictConfig, aliases: Mapping[str, str]) -> str | None:
 
 
 def _check_config(path: str, config_name: str, overrides: list[str],
-                  aliases: Mapping[str, str]) -> str | None:
-    """Compose the config as hydra will and return, as one line naming the key, what hydra would
-    print as a multi-line error or a traceback: an unknown config-group option, an unknown key, a
-    required value left out that the run folder needs. None when the config composes. Skipped
-    when hydra's own flags (``--help``, ``--cfg``, ``-m``, ...) are given."""
+                  aliases: Mapping[str, str]) -> tuple[str | None, DictConfig | None]:
+    """Compose the config as hydra will: ``(problem, cfg)``. ``problem`` is, as one line naming
+    the key, what hydra would print as a multi-line error or a traceback: an unknown config-group
+    option, an unknown key, a required value left out that the run folder needs; ``cfg`` is the
+    config (with its ``hydra`` node) when it composes. ``(None, None)`` when hydra's own flags
+    (``--help``, ``--cfg``, ``-m``, ...) are given: hydra handles those."""
     if any(a.startswith("-") for a in overrides):
-        return None
+        return None, None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -92,56 +135,96 @@ def _check_config(path: str, config_name: str, overrides: list[str],
             missing = _missing_values(
                 OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), aliases)
             if missing:
-                return missing
+                return missing, None
             str(cfg.hydra.run.dir)
     except OmegaConfBaseException as err:
         key = _missing_key(err)
-        return _one_line(err) if key is None else f"missing required value: {key}=..."
+        return (_one_line(err) if key is None else f"missing required value: {key}=..."), None
     except HydraException as err:
-        return _one_line(err)
+        return _one_line(err), None
+    return None, cfg
+
+
+def _run_reported(run: Callable[[DictConfig], int | None], cfg: DictConfig,
+                  aliases: Mapping[str, str]) -> None:
+    """``run(cfg)`` inside hydra; user errors become one logged line and exit status 2."""
+    from speechvq.audio import AudioError
+    from speechvq.checkpoint import CheckpointError, OutputInUseError
+
+    missing = _missing_values(cfg, aliases)
+    if missing:
+        log.error("%s", missing)
+        sys.exit(2)
+    try:
+        status = run(cfg)
+    except (StageError, AudioError, CheckpointError, OutputInUseError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+    except MissingMandatoryValue as err:
+        key = _missing_key(err)
+        log.error("missing required value: %s=...", aliases.get(key, key))
+        sys.exit(2)
+    except OSError as err:
+        problem = _write_problem(err)
+        if problem is None:
+            raise
+        log.error("%s", problem)
+        sys.exit(2)
+    if status:
+        sys.exit(int(status))
+
+
+Claim = Callable[[DictConfig], AbstractContextManager]
+
+
+def _before_hydra(cfg: DictConfig, claim: Claim | None, stack: contextlib.ExitStack) -> str | None:
+    """The checks that must come before hydra writes anything: the run folder can be written,
+    and the stage's ``claim`` (refusals, locks; entered on ``stack``). One line, or None."""
+    from speechvq.checkpoint import OutputInUseError, WriteError
+
+    problem = probe_writable(str(cfg.hydra.run.dir))
+    if problem or claim is None:
+        return problem
+    try:
+        stack.enter_context(claim(cfg))
+    except (StageError, OutputInUseError, WriteError) as err:
+        return str(err)
     return None
 
 
 def hydra_main(config_name: str, run: Callable[[DictConfig], int | None],
-               aliases: Mapping[str, str] | None = None) -> Callable[[], None]:
+               aliases: Mapping[str, str] | None = None,
+               claim: Claim | None = None) -> Callable[[], None]:
     """Wrap ``run(cfg)`` as a console-script entry point over ``conf/<config_name>.yaml``.
 
     Hydra's own output folders are disabled (``hydra.run.dir`` is ``out_dir``), outputs go to
-    ``cfg.out_dir``. A :class:`StageError` (or :class:`speechvq.audio.AudioError`) raised by ``run``
-    is printed as one line and exits with status 2, and so is a config that does not compose or
-    leaves a required (``???``) value out. ``aliases`` maps a config key to the name the command
-    line uses for it in those messages (sample's ``prior_checkpoint`` is given as ``prior=``).
+    ``cfg.out_dir``. A :class:`StageError` (or :class:`speechvq.audio.AudioError`,
+    :class:`~speechvq.checkpoint.CheckpointError`, an output in use, a file that cannot be
+    written) raised by ``run`` is printed as one line and exits with status 2, and so is a config
+    that does not compose or leaves a required (``???``) value out, and a run folder that cannot
+    be written. ``aliases`` maps a config key to the name the command line uses for it in those
+    messages (sample's ``prior_checkpoint`` is given as ``prior=``). ``claim(cfg)``, when given,
+    runs before hydra writes anything (with the composed config, ``hydra`` node included): it
+    raises :class:`StageError` to refuse the run and returns a context manager held for the
+    whole run (a lock on the output).
     """
     aliases = dict(aliases or {})
+    name = f"speechvq-{config_name.replace('_', '-')}"
 
     def entry() -> None:
         path = str(conf_dir())
 
         @hydra.main(version_base="1.3", config_path=path, config_name=config_name)
         def _main(cfg: DictConfig) -> None:
-            from speechvq.audio import AudioError
-            from speechvq.checkpoint import CheckpointError
+            _run_reported(run, cfg, aliases)
 
-            missing = _missing_values(cfg, aliases)
-            if missing:
-                log.error("%s", missing)
+        problem, cfg = _check_config(path, config_name, sys.argv[1:], aliases)
+        with contextlib.ExitStack() as stack:
+            if problem is None and cfg is not None:
+                problem = _before_hydra(cfg, claim, stack)
+            if problem:
+                print(f"{name}: {problem}", file=sys.stderr)
                 sys.exit(2)
-            try:
-                status = run(cfg)
-            except (StageError, AudioError, CheckpointError) as err:
-                log.error("%s", err)
-                sys.exit(2)
-            except MissingMandatoryValue as err:
-                key = _missing_key(err)
-                log.error("missing required value: %s=...", aliases.get(key, key))
-                sys.exit(2)
-            if status:
-                sys.exit(int(status))
-
-        problem = _check_config(path, config_name, sys.argv[1:], aliases)
-        if problem:
-            print(f"speechvq-{config_name.replace('_', '-')}: {problem}", file=sys.stderr)
-            sys.exit(2)
-        _main()
+            _main()
 
     return entry

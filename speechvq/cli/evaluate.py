@@ -217,12 +217,26 @@ def _load(cfg: DictConfig) -> tuple[dict, dict, dict, list[ManifestRow] | None]:
     return units, sidecar, alignments, rows
 
 
+def _check_unit_range(unit_file: Path, units: dict, n_codes: int | None) -> None:
+    """Refuse units outside ``[0, n_codes)``: the file is not what its sidecar (or n_codes=) says."""
+    for utt, seq in units.items():
+        if not len(seq):
+            continue
+        low, high = int(seq.min()), int(seq.max())
+        if low < 0 or (n_codes and high >= int(n_codes)):
+            bad = low if low < 0 else high
+            codes = f"codes 0..{int(n_codes) - 1}" if n_codes else "codes from 0"
+            raise StageError(f"{unit_file}: utterance {utt!r} holds unit {bad}, outside the "
+                             f"{codes} of its model (n_codes from the sidecar or n_codes=)")
+
+
 def run(cfg: DictConfig) -> int:
     start = time.perf_counter()
     unit_file = Path(cfg.units)
     units, sidecar, alignments, rows = _load(cfg)
     frame_rate = float(cfg.frame_rate or sidecar.get("frame_rate") or DEFAULT_FRAME_RATE)
     n_codes = cfg.n_codes or sidecar.get("n_codes")
+    _check_unit_range(unit_file, units, n_codes)
     features = sidecar.get("features") or OmegaConf.to_container(cfg.features, resolve=True)
 
     ids, alignments = _select(cfg, units, alignments, rows)

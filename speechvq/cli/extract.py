@@ -10,10 +10,15 @@ checkpoint's features config; per-speaker statistics from ``stats.json`` beside 
 computed over it). Long files are encoded in windows with enough context that the units equal
 whole-file encoding. Unreadable files are reported and skipped (listed in the sidecar). A re-run
 whose output and sidecar match the checkpoint hash and config says "already done" and exits 0.
+
+One writer per output: ``.OUT.lock`` beside it is held while a run works on OUT, and a second run
+into the same OUT is refused at once. The sidecar is written last and holds the sha256 of the
+unit (and durations) file, so it describes exactly the files beside it; "already done" checks it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from speechvq.checkpoint import CheckpointError, checkpoint_hash
+from speechvq.checkpoint import CheckpointError, OutputLock, checkpoint_hash
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.manifest import read_manifest
 from speechvq.features import stats_for_rows
@@ -45,20 +50,41 @@ from speechvq.vqvae import load_vqvae
 log = logging.getLogger("speechvq.extract")
 
 
-
 def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """The first 16 hex digits of the file's sha256 (read in blocks)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _output_hashes(target: Path) -> dict:
+    """``units_hash`` and ``durations_hash`` (None without durations) of the files beside the
+    sidecar: what makes a sidecar describe these very files."""
+    dpath = durations_path(target)
+    return {"units_hash": _file_hash(target),
+            "durations_hash": _file_hash(dpath) if dpath.exists() else None}
+
+
+def _lock(target: Path) -> OutputLock:
+    """``.OUT.lock`` beside OUT: one speechvq-extract per output (shards lock their own file)."""
+    return OutputLock(target.with_name(f".{target.name}.lock"), target, "speechvq-extract")
 
 
 def _done(target: Path, signature: dict, dedup: bool) -> bool:
-    """Output, sidecar (and durations) exist and were made by this checkpoint and config."""
+    """Output, sidecar (and durations) exist, were made by this checkpoint and config, and are the
+    files the sidecar describes (not since replaced by another run)."""
     if not target.exists() or (dedup and not durations_path(target).exists()):
         return False
     try:
         meta = read_sidecar(target)
     except ValueError:
         return False
-    return bool(meta) and meta.get("signature") == signature
+    if not meta or meta.get("signature") != signature:
+        return False
+    hashes = _output_hashes(target)
+    return all(meta.get(key) == value for key, value in hashes.items())
 
 
 def _merge(cfg: DictConfig, out: Path, nshards: int) -> int:
@@ -66,6 +92,8 @@ def _merge(cfg: DictConfig, out: Path, nshards: int) -> int:
         raise StageError("merge=true needs nshards=N (N > 1): the number of shards to join")
     try:
         meta = merge_shards(out, nshards, remove=bool(cfg.remove_shards))
+        meta.update(_output_hashes(out))  # the merged files themselves
+        write_sidecar(out, meta)
     except (OSError, ValueError) as err:
         raise StageError(str(err)) from None
     counts = meta.get("counts", {})
@@ -84,10 +112,20 @@ def run(cfg: DictConfig) -> int:
     if nshards < 1 or not 0 <= shard < nshards:
         raise StageError(f"need 0 <= shard < nshards, got shard={shard} nshards={nshards}")
     if cfg.merge:
-        return _merge(cfg, out, nshards)
+        with contextlib.ExitStack() as locks:  # OUT, and no shard may still be extracting
+            shards = [shard_path(out, i, nshards) for i in range(nshards if nshards > 1 else 0)]
+            for path in (out, *shards):
+                locks.enter_context(_lock(path))
+            return _merge(cfg, out, nshards)
     if not cfg.checkpoint or not cfg.data.manifest:
         raise StageError("checkpoint=... and data.manifest=... are required (unless merge=true)")
     target = shard_path(out, shard, nshards) if nshards > 1 else out
+    with _lock(target):
+        return _extract(cfg, target, fmt, shard, nshards)
+
+
+def _extract(cfg: DictConfig, target: Path, fmt: str, shard: int, nshards: int) -> int:
+    """Extract this job's block of the manifest into ``target`` (its lock held)."""
     manifest = Path(cfg.data.manifest)
     try:
         all_rows = read_manifest(manifest)
@@ -147,6 +185,7 @@ def run(cfg: DictConfig) -> int:
     write_units(target, result.units, fmt, dedup=bool(cfg.dedup), n_codes=model.n_codes)
     frames = sum(len(u) for u in result.units.values())
     sidecar = {
+        **_output_hashes(target),
         "format": fmt,
         "dedup": bool(cfg.dedup),
         "frame_rate": float(model.frame_rate),

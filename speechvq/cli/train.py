@@ -6,12 +6,16 @@
 
 Writes EXP/checkpoints/{last,best}.pt (self-describing: later stages need nothing else),
 EXP/tb/ (TensorBoard), EXP/train.log, and EXP/stats.json when the manifest had none beside it.
+One run at a time: EXP/.lock is held for the whole run, and a run that is refused (EXP in use,
+or a finished run there without resume=true) is refused before anything in EXP is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,11 +24,36 @@ from speechvq.audio import AudioError
 from speechvq.checkpoint import CheckpointError
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.tasks import VQVAETask
-from speechvq.training import TrainingError, fit, seed_everything
+from speechvq.training import TrainingError, fit, resume_path, run_lock, seed_everything
 
 log = logging.getLogger("speechvq.train")
 
 EXIT_CODES = {"interrupt": 130, "sigterm": 143}  # the shell's codes for SIGINT / SIGTERM
+
+
+def _resume(cfg: DictConfig) -> bool | str:
+    return cfg.resume if isinstance(cfg.resume, bool) else str(cfg.resume)
+
+
+def _check_refusal(cfg: DictConfig) -> None:
+    """What ``fit`` would refuse (a finished run without resume=true, ...), reading only."""
+    try:
+        resume_path(Path(cfg.out_dir), _resume(cfg))
+    except TrainingError as err:
+        raise StageError(str(err)) from None
+
+
+@contextlib.contextmanager
+def claim(cfg: DictConfig) -> Iterator[None]:
+    """Before hydra writes EXP/.hydra and EXP/train.log: refuse a run that ``fit`` would refuse,
+    and hold EXP's lock (rank 0 of a torchrun job) until the process ends."""
+    _check_refusal(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with run_lock(Path(cfg.out_dir), "speechvq-train"):
+        _check_refusal(cfg)  # again, under the lock: a run may have ended in between
+        yield
 
 
 def run(cfg: DictConfig) -> int | None:
@@ -38,9 +67,8 @@ def run(cfg: DictConfig) -> int | None:
         task = VQVAETask(config, out_dir=out_dir, progress=rank == 0)
     except (ValueError, AudioError) as err:
         raise StageError(str(err)) from None
-    resume = cfg.resume if isinstance(cfg.resume, bool) else str(cfg.resume)
     try:
-        result = fit(task, config["trainer"], out_dir, resume=resume, seed=int(cfg.seed),
+        result = fit(task, config["trainer"], out_dir, resume=_resume(cfg), seed=int(cfg.seed),
                      device=str(cfg.device), config=config)
     except (TrainingError, CheckpointError) as err:
         raise StageError(str(err)) from None
@@ -53,7 +81,7 @@ def run(cfg: DictConfig) -> int | None:
     return EXIT_CODES.get(result["stopped"])
 
 
-main = hydra_main("train", run)
+main = hydra_main("train", run, claim=claim)
 
 if __name__ == "__main__":
     main()

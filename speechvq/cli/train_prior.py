@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from speechvq.checkpoint import CheckpointError, load_checkpoint
 from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli.train import claim
 from speechvq.data.manifest import read_manifest
 from speechvq.generate import PriorTask, load_prior, split_ids, unit_perplexity
 from speechvq.training import TrainingError, fit
@@ -148,7 +149,7 @@ def run(cfg: DictConfig) -> None:
         print(f"  {name:<8} {report[name]:10.2f}   ({math.log2(report[name]):.2f} bits/unit)")
 
 
-main = hydra_main("train_prior", run)
+main = hydra_main("train_prior", run, claim=claim)
 
 if __name__ == "__main__":
     main()

@@ -96,8 +96,9 @@ def alignments_beside(
 
 
 def _clean(name: str) -> str:
-    """Ids and speakers end up in whitespace-separated formats (kaldi, units): no whitespace."""
-    return re.sub(r"\s", "_", name)
+    """Ids and speakers end up in whitespace- and ``|``-separated formats (kaldi, gslm units):
+    neither whitespace nor ``|``."""
+    return re.sub(r"[\s|]", "_", name)
 
 
 def utterance_id(path: str | os.PathLike, root: str | os.PathLike) -> str:
@@ -230,10 +231,23 @@ def inspect_candidates(
     return rows, rejected, notes
 
 
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
 def write_rejected(path: str | os.PathLike, rejected: Sequence[tuple[str, str]]) -> None:
-    """``path<TAB>reason`` per rejected file, with a header, atomically (header only if none)."""
-    lines = ["path\treason"] + [f"{p}\t{_clean_reason(r)}" for p, r in rejected]
+    r"""``path<TAB>reason`` per rejected file, with a header, atomically (header only if none).
+
+    A backslash, tab, newline or carriage return in a file name is written as ``\\``, ``\t``,
+    ``\n``, ``\r`` (as in Python string literals and PostgreSQL's text format), so every file is
+    one line of exactly two fields; names without those characters are written as they are.
+    Whitespace runs in a reason become one space.
+    """
+    lines = ["path\treason"] + [f"{_escape(p)}\t{_clean_reason(r)}" for p, r in rejected]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _escape(name: str) -> str:
+    return re.sub(r"[\\\t\n\r]", lambda m: _ESCAPES[m.group(0)], name)
 
 
 def _clean_reason(reason: str) -> str:

@@ -11,7 +11,8 @@
    utterance id; ``text`` = the transcript), and the unions ``OUT/manifest.tsv`` (every subset),
    ``OUT/train.tsv``, ``OUT/valid.tsv``, ``OUT/test.tsv`` (``data.splits``; by default the
    ``train-*``, ``dev-*`` and ``test-*`` subsets) so later stages read the same names for any corpus;
-   files that cannot be read go to ``OUT/rejected.tsv`` (``path<TAB>reason``);
+   files that cannot be read go to ``OUT/rejected.tsv`` (``path<TAB>reason``; a tab, newline or
+   backslash in a path is written as ``\\t``, ``\\n``, ``\\\\``);
 3. ``OUT/stats.json``: log-mel statistics, global over the train split and per speaker over every
    subset (normalising an unseen speaker by its own statistics needs no labels);
 4. with ``data.alignments`` (a folder or ``.zip`` of MFA TextGrids, or ``.phn`` files), one
@@ -319,8 +320,11 @@ def fetch_archive(
 # --- safe extraction --------------------------------------------------------------------------
 
 
-def _check_member(member: tarfile.TarInfo, dest: Path) -> str | None:
-    """Why ``member`` must not be extracted into ``dest`` (resolved), or None if it is safe."""
+def _check_member(member: tarfile.TarInfo, dest: Path, link_root: Path | None = None) -> str | None:
+    """Why ``member`` must not be extracted into ``dest`` (resolved), or None if it is safe.
+
+    Symbolic links must point inside ``link_root`` (resolved; default ``dest``): the folder that is
+    kept, so that no link points out of it once it is moved."""
     name = PurePosixPath(member.name)
     if (
         name.is_absolute()
@@ -340,14 +344,20 @@ def _check_member(member: tarfile.TarInfo, dest: Path) -> str | None:
         if link.is_absolute() or member.linkname.startswith(("/", "\\")):
             return f"link to an absolute path {member.linkname!r}"
         base = target.parent if member.issym() else dest  # hard links name a member of the archive
-        if not (base / link).resolve().is_relative_to(dest):
+        points_to = (base / link).resolve()
+        if not points_to.is_relative_to(dest):
             return f"link {member.linkname!r} points outside the target folder"
+        if member.issym() and link_root is not None and not points_to.is_relative_to(link_root):
+            return (f"link {member.linkname!r} points outside "
+                    f"{link_root.relative_to(dest).as_posix()}/")
     return None
 
 
-def _safe_members(tar: tarfile.TarFile, archive: Path, dest: Path) -> Iterator[tarfile.TarInfo]:
+def _safe_members(
+    tar: tarfile.TarFile, archive: Path, dest: Path, link_root: Path | None
+) -> Iterator[tarfile.TarInfo]:
     for member in tar:
-        reason = _check_member(member, dest)
+        reason = _check_member(member, dest, link_root)
         if reason:
             raise UnsafeArchiveError(
                 f"{archive}: refusing to extract member {member.name!r}: {reason}"
@@ -356,10 +366,16 @@ def _safe_members(tar: tarfile.TarFile, archive: Path, dest: Path) -> Iterator[t
 
 
 def safe_extract(
-    archive: str | os.PathLike, dest: str | os.PathLike, progress: bool = True
+    archive: str | os.PathLike,
+    dest: str | os.PathLike,
+    progress: bool = True,
+    link_root: str | None = None,
 ) -> None:
     """Extract a tar archive into ``dest``, refusing absolute paths, ``..`` and escaping links.
 
+    ``link_root`` (a folder inside ``dest``, e.g. ``LibriSpeech/dev-clean``) confines symbolic
+    links further: a link pointing anywhere outside it is refused, since that folder is moved
+    elsewhere after extraction and ``toroot -> ../..`` would then point at what surrounds it.
     The check is our own; Python's ``filter='data'`` (3.11.4+) is applied on top when available.
     Raises :class:`UnsafeArchiveError` at the first bad member (``dest`` then holds a partial
     extraction: callers extract into a scratch folder) and ValueError for an unreadable archive.
@@ -367,10 +383,11 @@ def safe_extract(
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
+    links = (root / link_root).resolve() if link_root is not None else None
     kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = _safe_members(tar, archive, root)
+            members = _safe_members(tar, archive, root, links)
             members = tqdm(
                 members, desc=f"extract {archive.name}", unit=" files", disable=not progress
             )
@@ -393,7 +410,8 @@ def extract_subset(
     scratch = corpus_dir / f".extract-{subset.name}"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        safe_extract(archive, scratch, progress=progress)
+        safe_extract(archive, scratch, progress=progress,
+                     link_root=f"LibriSpeech/{subset.name}")
         extracted = scratch / "LibriSpeech" / subset.name
         if not extracted.is_dir():
             raise ValueError(f"{archive}: holds no LibriSpeech/{subset.name}/ folder")

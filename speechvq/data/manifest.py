@@ -1,7 +1,8 @@
 """Manifests: the TSV list of utterances every stage after ``prepare`` reads.
 
 Format: a header ``id<TAB>path<TAB>num_samples<TAB>speaker`` (optionally ``<TAB>text``), then one
-row per utterance. Ids are unique; ``num_samples`` counts samples at the corpus sample rate;
+row per utterance. Ids are unique and hold no whitespace and no ``|`` (the unit files written
+from a manifest cannot carry them); ``num_samples`` counts samples at the corpus sample rate;
 relative paths are resolved against the manifest's folder (written manifests hold absolute ones).
 """
 
@@ -28,8 +29,19 @@ class ManifestRow:
     text: str | None = None
 
 
+def id_problem(utt_id: str) -> str | None:
+    """Why ``utt_id`` cannot be an utterance id (unit files separate ids from units with
+    whitespace or ``|``), or None."""
+    bad = sorted({c for c in utt_id if c.isspace() or c == "|"})
+    if not bad:
+        return None
+    return (f"id {utt_id!r} contains {' and '.join(map(repr, bad))}: unit files cannot hold "
+            "whitespace or '|' in an id; rename the utterance")
+
+
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    """Read a manifest; raises ValueError naming ``file:line`` for a bad header/row or a duplicate id."""
+    """Read a manifest; raises ValueError naming ``file:line`` for a bad header/row, an id that
+    unit files cannot hold (whitespace, ``|``) or a duplicate id."""
     path = Path(path)
     base = path.parent
     try:
@@ -60,6 +72,8 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
         utt_id, audio, num_samples, speaker = fields[:4]
         if not utt_id or not audio or not speaker:
             raise ValueError(f"{path}:{lineno}: empty id, path or speaker")
+        if problem := id_problem(utt_id):
+            raise ValueError(f"{path}:{lineno}: {problem}")
         try:
             n = int(num_samples)
         except ValueError:
