@@ -1,5 +1,5 @@
-"""VectorQuantizer: distances, straight-through gradient, EMA, masking, k-means init, restarts,
-autocast, and identical codebooks across DDP replicas."""
+"""VectorQuantizer: distances, the blocked nearest-code search, straight-through gradient, EMA,
+masking, k-means init, restarts, autocast, and identical codebooks across DDP replicas."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from speechvq.nn.quantizer import VectorQuantizer, kmeans, sq_distances
+import speechvq.nn.quantizer as Q
+from speechvq.nn.quantizer import VectorQuantizer, kmeans, nearest_codes, sq_distances
 
 
 def _vq(**kw) -> VectorQuantizer:
@@ -45,6 +47,155 @@ def test_one_matmul_distances_equal_bruteforce():
     vq.codebook.copy_(e.float())
     z = x.float().t().unsqueeze(0)
     assert torch.equal(vq.encode(z)[0], brute.argmin(1))
+
+
+# --------------------------------------------------------------------------- nearest_codes
+
+
+def _assert_nearest(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+    """indices (N,) are the fp64 nearest codes, except at true near-ties: a different code only
+    where its exact distance is within fp32 rounding (1e-5 of ||x||^2 + ||e||^2) of the best."""
+    d = sq_distances(x.double(), codebook.double())
+    assert indices.shape == (x.shape[0],) and indices.dtype == torch.long
+    best = d.argmin(1)
+    if x.shape[0] == 0:
+        return
+    gap = d.gather(1, indices[:, None])[:, 0] - d.gather(1, best[:, None])[:, 0]
+    scale = x.double().pow(2).sum(1) + codebook.double().pow(2).sum(1).max()
+    assert (gap <= 1e-5 * scale).all(), (gap / scale).max()
+    assert (indices != best).float().mean() < 1e-3  # near-ties are rare, not the rule
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(
+    ("n", "dim", "k", "block_rows"),
+    [
+        (1000, 16, 512, 37),  # blocks that do not divide N; chunked CPU argmin (K = 8 x 64)
+        (999, 64, 2048, None),  # default blocks, the benchmark's shape family
+        (257, 8, 300, 64),  # K not a multiple of the argmin chunk: plain argmin
+        (130, 5, 256, 1000),  # one block larger than N
+        (50, 3, 1, 7),  # a single code
+        (1, 4, 768, None),  # a single frame
+        (0, 4, 5, None),  # no frames
+    ],
+)
+def test_nearest_codes_equals_float64_reference(n, dim, k, block_rows, normalize):
+    torch.manual_seed(n + k)
+    x = 3.0 * torch.randn(n, dim) + 1.0
+    codebook = 2.0 * torch.randn(k, dim)
+    if normalize:  # the quantizer's cosine mode: both sides unit length
+        x, codebook = F.normalize(x, dim=-1), F.normalize(codebook, dim=-1)
+    indices = nearest_codes(x, codebook, block_rows=block_rows)
+    _assert_nearest(x, codebook, indices)
+    # cached norms and any other blocking give the very same answer
+    norms = codebook.pow(2).sum(1)
+    assert torch.equal(nearest_codes(x, codebook, norms, block_rows=5), indices)
+
+
+@pytest.mark.parametrize("k", [10, 512])
+def test_nearest_codes_exact_ties_go_to_the_lowest_index(k):
+    """Small integers make every distance exact in fp32: ties are real and common, and (as
+    ``argmin``) the first of the tied codes wins, with and without the chunked CPU argmin."""
+    torch.manual_seed(k)
+    x = torch.randint(-2, 3, (3000, 6)).float()
+    codebook = torch.randint(-2, 3, (k, 6)).float()
+    codebook[k // 2 :] = codebook[: k - k // 2]  # duplicated codes: the copy must never win
+    expected = sq_distances(x.double(), codebook.double()).argmin(1)
+    assert torch.equal(nearest_codes(x, codebook, block_rows=333), expected)
+    assert torch.equal(sq_distances(x, codebook).argmin(1), expected)  # the old path agrees
+
+
+@pytest.mark.parametrize("k", [256, 512, 1024])
+def test_chunked_cpu_argmin_is_argmin_with_ties_nan_and_inf(k):
+    torch.manual_seed(k)
+    scores = torch.randint(0, 40, (500, k)).float()  # many exact ties
+    scores[3, 100] = float("nan")
+    scores[3, 7] = float("nan")  # argmin's NaN rule: the first NaN is the minimum
+    scores[4] = float("inf")
+    scores[5, -1] = -float("inf")
+    scores[6, 0] = scores[6, 64] = scores[6, -1] = -5.0  # ties across chunks
+    out = torch.empty(500, dtype=torch.long)
+    Q._argmin_rows_(scores, out)
+    assert torch.equal(out, scores.argmin(1))
+    assert out[3] == 7 and out[6] == 0
+
+
+def test_nearest_codes_is_fp32_under_autocast_and_upcasts_half_inputs():
+    torch.manual_seed(0)
+    x, codebook = 300 * torch.randn(400, 8), 300 * torch.randn(512, 8)
+    expected = nearest_codes(x, codebook)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(nearest_codes(x, codebook), expected)
+    half = x.bfloat16()
+    assert torch.equal(nearest_codes(half, codebook), nearest_codes(half.float(), codebook))
+
+
+def test_nearest_codes_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="codebook"):
+        nearest_codes(torch.randn(4, 3), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="at least one code"):
+        nearest_codes(torch.randn(4, 3), torch.randn(0, 3))
+    with pytest.raises(ValueError, match="block_rows"):
+        nearest_codes(torch.randn(4, 3), torch.randn(5, 3), block_rows=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nearest_codes_on_cuda_matches_reference():
+    torch.manual_seed(0)
+    x, codebook = torch.randn(5000, 64), torch.randn(512, 64)
+    indices = nearest_codes(x.cuda(), codebook.cuda(), block_rows=777)
+    assert indices.device.type == "cuda"
+    _assert_nearest(x, codebook, indices.cpu())
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_training_extraction_and_kmeans_use_the_fast_path_with_the_old_codes(
+    normalize, monkeypatch
+):
+    """forward (training and eval), encode and k-means all go through ``nearest_codes`` and give
+    the codes the old ``sq_distances(...).argmin(1)`` gave."""
+    torch.manual_seed(0)
+    centres = 4.0 * torch.randn(64, 16)
+    z_init, z = _clusters(centres, 20, noise=0.5), _clusters(centres, 30, noise=0.5)
+    calls = []
+
+    def counting(x, codebook, *args, **kwargs):
+        calls.append(x.shape[0])
+        return nearest_codes(x, codebook, *args, **kwargs)
+
+    def old(x, codebook, *args, **kwargs):
+        return sq_distances(x, codebook).argmin(1)
+
+    def trained(search) -> tuple[VectorQuantizer, torch.Tensor]:
+        monkeypatch.setattr(Q, "nearest_codes", search)
+        torch.manual_seed(1)
+        vq = _vq(n_codes=512, dim=16, normalize=normalize).train()
+        _, train_indices, _ = vq(z_init)  # k-means init, then the training lookup
+        return vq, train_indices
+
+    vq, train_indices = trained(counting)
+    # k-means (10 Lloyd steps) + the training lookup
+    assert calls == [z_init.shape[2]] * (10 + 1)
+    vq_old, train_indices_old = trained(old)
+    monkeypatch.setattr(Q, "nearest_codes", counting)
+    assert torch.equal(vq.codebook, vq_old.codebook)  # the same k-means and EMA step
+    assert torch.equal(train_indices, train_indices_old)
+
+    calls.clear()
+    vq.eval()
+    codes = vq.encode(z)
+    _, eval_codes, _ = vq(z)
+    assert calls == [z.shape[2]] * 2
+    x = vq._prepare(z[0].t())
+    assert torch.equal(codes[0], sq_distances(x, vq.decode_codes()).argmin(1))
+    assert torch.equal(eval_codes, codes)
+
+
+def test_empty_batch_encodes_to_no_codes():
+    vq = _vq(n_codes=512, dim=4, kmeans_init=False).eval()
+    assert vq.encode(torch.randn(2, 4, 0)).shape == (2, 0)
+    _, indices, _ = vq(torch.randn(2, 4, 0))
+    assert indices.shape == (2, 0)
 
 
 def test_straight_through_gradient_reaches_encoder():
