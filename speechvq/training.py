@@ -12,6 +12,9 @@ back, so when they happen cannot change the training run. A run of 2N steps and 
 resumed to 2N end with the same weights. The train/* interval being averaged at a save is saved
 too, so a resumed run logs the TensorBoard points an uninterrupted one logs.
 
+Speed: the end of a run logs ``trained N steps in M min: X steps/s (first window: Y steps/s)``,
+and a run that falls below half the speed of its first window warns once (:class:`Throughput`).
+
 One run per folder: :func:`fit` holds ``OUT/.lock`` (:func:`run_lock`) and a second run into the
 same folder is refused at once; temp files of killed checkpoint writes are removed at the start.
 """
@@ -41,6 +44,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from speechvq import runtime
 from speechvq.checkpoint import (
     OutputLock,
     capture_rng,
@@ -334,6 +338,95 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class Throughput:
+    """Training speed of one run, for the logs only (wall-clock data never reaches the training,
+    so exact resume is untouched).
+
+    Training time is wall time less the time spent in :meth:`pause` blocks (validation, media,
+    checkpoints). The *first window* starts after :attr:`WARMUP_STEPS` and lasts at least
+    :attr:`WINDOW_STEPS` steps and :attr:`WINDOW_SECONDS`; after it, every stretch of at least
+    :attr:`CHECK_SECONDS` (and :attr:`CHECK_STEPS`) is compared with it, and the first one below
+    :attr:`SLOW_RATIO` of the first window's rate gives one warning (:meth:`update`).
+    """
+
+    WARMUP_STEPS = 20  # kernel selection, allocator and cache warm-up: not representative
+    WINDOW_STEPS = 100
+    WINDOW_SECONDS = 10.0
+    CHECK_STEPS = 5
+    CHECK_SECONDS = 20.0  # long enough that a GC pause or a new epoch's data workers do not count
+    SLOW_RATIO = 0.5
+
+    def __init__(self, step: int, now: float) -> None:
+        self.start_step, self.start = step, now
+        self.paused = 0.0
+        self.step = step
+        self.train_seconds = 0.0
+        self.first: tuple[int, int, float] | None = None  # (from step, to step, steps/s)
+        self.warned = False
+        self._mark: tuple[int, float] | None = None  # (step, training time) where a stretch began
+
+    @property
+    def rate(self) -> float:
+        """Steps per second of training time over the whole run so far."""
+        return (self.step - self.start_step) / max(self.train_seconds, 1e-9)
+
+    @property
+    def first_rate(self) -> float | None:
+        return self.first[2] if self.first else None
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time spent in the block is not training time (validation, media, checkpoints)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused += time.monotonic() - t0
+
+    def update(self, step: int, now: float) -> str | None:
+        """Note that ``step`` ended at ``now``; the slowdown warning (once per run), or None."""
+        self.step, self.train_seconds = step, now - self.start - self.paused
+        t = self.train_seconds
+        if self._mark is None:
+            if step - self.start_step >= self.WARMUP_STEPS:
+                self._mark = (step, t)
+            return None
+        done, seconds = step - self._mark[0], t - self._mark[1]
+        if seconds < (self.WINDOW_SECONDS if self.first is None else self.CHECK_SECONDS):
+            return None
+        if done < (self.WINDOW_STEPS if self.first is None else self.CHECK_STEPS):
+            return None
+        recent = done / max(seconds, 1e-9)
+        since = self._mark[0]
+        self._mark = (step, t)
+        if self.first is None:
+            self.first = (since, step, recent)
+            return None
+        if self.warned or recent >= self.SLOW_RATIO * self.first[2]:
+            return None
+        self.warned = True
+        a, b, first = self.first
+        return (
+            f"training slowed down: {recent:.3g} steps/s over steps {since}-{step}, "
+            f"{recent / first:.0%} of the {first:.3g} steps/s of its first window (steps {a}-{b}). "
+            "Another process is probably using the CPU (or GPU); a time-limited run "
+            "(trainer.max_minutes) will reach fewer steps. "
+            f"[torch threads: {torch.get_num_threads()}; {runtime.THREAD_POLICY}]"
+        )
+
+    def summary(self, now: float) -> str:
+        """The end-of-run line: steps, minutes, steps/s (and the first window's)."""
+        steps = self.step - self.start_step
+        line = (f"trained {steps} step{'s' * (steps != 1)} in {(now - self.start) / 60:.1f} min: "
+                f"{self.rate:.3g} steps/s")
+        if self.first is not None:
+            line += f" (first window: {self.first[2]:.3g} steps/s)"
+        if self.paused > 0.05 * max(now - self.start, 1e-9):
+            line += (f"; validation, media and checkpoints took {self.paused / 60:.1f} min of it "
+                     "(not counted in steps/s)")
+        return line
+
+
 class _StopFlag:
     """SIGTERM / first Ctrl-C ask the loop to stop after the current step (and save);
     a second Ctrl-C interrupts at once."""
@@ -467,6 +560,7 @@ class _Loop:
         self._last_saved = -1
         self._last_train_loss: float | None = None
         self._t_log, self._s_log = 0.0, 0  # time and step of the last train/* log
+        self.speed = Throughput(0, 0.0)  # restarted when the run starts
 
     # ---- setup
     def _load(self, path: Path) -> dict:
@@ -558,10 +652,14 @@ class _Loop:
                    disable=not self.info.is_main, dynamic_ncols=True)
         with _StopFlag() as flag, logging_redirect_tqdm(), bar:
             self._t_log, self._s_log = time.monotonic(), self.step
+            self.speed = Throughput(self.step, self._t_log)
             while stopped is None:
                 stopped = self._run_epoch(flag, bar, start_time)
             if self._last_saved != self.step:
-                self._save(final=True)
+                with self.speed.pause():
+                    self._save(final=True)
+            if self.info.is_main and self.step > self.speed.start_step:
+                log.info("%s", self.speed.summary(time.monotonic()))
         if self.writer is not None:
             self.writer.close()
         if self.info.enabled:
@@ -619,6 +717,9 @@ class _Loop:
                 continue
             self._train_step(batch)
             bar.update(1)
+            slow = self.speed.update(self.step, time.monotonic())
+            if slow and self.info.is_main:
+                log.warning("%s", slow)
             stopped = self._stop_reason(flag, start_time)
             if self.step % self.tc.log_every == 0 or stopped == "max_steps":
                 now = time.monotonic()
@@ -627,7 +728,8 @@ class _Loop:
             elif stopped:  # the interval goes on after a resume: it is saved, not logged
                 self._last_train_loss = self._reduce_means(
                     {k: v / self._acc_n for k, v in self._acc.items()})["loss"]
-            self._after_step(final=stopped is not None)
+            with self.speed.pause():  # validation, media, checkpoints: not training speed
+                self._after_step(final=stopped is not None)
             if stopped:
                 return stopped
         self.epoch += 1
