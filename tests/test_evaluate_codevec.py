@@ -183,8 +183,8 @@ def test_errors_name_counts_examples_and_codebook_size(corpus, tmp_path):
     assert "9 alignment files" in text and "e.g. 'utt00'" in text
     ckpt = _checkpoint(tmp_path / "best.pt", _distinct_codes())
     big = {u: np.where(s == 3, N_CODES, s) for u, s in units.items()}  # a unit past the codebook
-    with pytest.raises(StageError, match="codebook has 8 codes"):
-        _run([f"units={_unit_file(tmp_path, big, {})}", f"alignments={root / 'ali'}",
+    with pytest.raises(StageError, match="codebook has 8 codes"):  # (no n_codes in the sidecar)
+        _run([f"units={_unit_file(tmp_path, big, {'n_codes': None})}", f"alignments={root / 'ali'}",
               f"data.manifest={root / 'manifest.tsv'}", "baseline.enabled=false",
               f"codebook={ckpt}"])
     with pytest.raises(StageError, match="codebook: .*missing.pt"):
