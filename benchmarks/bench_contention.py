@@ -75,8 +75,9 @@ def worker(spec: dict) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from speechvq.runtime import seed_everything
     from speechvq.tasks import VQVAETask
-    from speechvq.training import fit, seed_everything
+    from speechvq.training import fit
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = [

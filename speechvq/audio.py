@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+
+from speechvq.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +170,5 @@ def save_audio(path: PathLike, wav: torch.Tensor | np.ndarray, sample_rate: int)
     # libsndfile wraps around on overflow when converting floats to PCM: clip first.
     wav = np.clip(wav, -1.0, 1.0)
     fmt, subtype = _FORMATS[suffix]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are shared
-    try:
-        sf.write(tmp, wav, sample_rate, format=fmt, subtype=subtype)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: sf.write(f, wav, sample_rate, format=fmt, subtype=subtype),
+                 mode="wb")

@@ -10,21 +10,19 @@ so it loads with ``torch.load(weights_only=True)`` (no pickled classes, nothing 
 
 Every later stage rebuilds its model from ``model_config`` and ``meta`` alone. Writes are atomic:
 a temp file in the same folder, then ``os.replace``, so a crash never leaves half a checkpoint, and
-a failed write (a full disk) keeps the previous file. This module also holds what keeps output
-folders safe: :class:`WriteError` (one line naming the file that could not be written),
-:class:`OutputLock` (one writer per output) and :func:`clean_stale_temps`.
+a failed write (a full disk) keeps the previous file (:func:`speechvq.files.atomic_write`). This
+module also holds what keeps output folders safe: :class:`OutputLock` (one writer per output) and
+:func:`clean_stale_temps`.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import pickle
 import random
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from speechvq.files import atomic_write, clean_temps, file_hash, write_error
+
 FORMAT = "speechvq/1"
 REQUIRED_KEYS = ("format", "kind", "model_config", "meta", "model", "step")
 _SCALARS = (str, int, float, bool, type(None))  # exact types: np.float64 subclasses float
 _TORCH = (torch.Tensor, torch.dtype, torch.device, torch.Size)
-# mkstemp names: ".<name>." + 8 of [a-z0-9_] + ".tmp" (see save_checkpoint)
-_TEMP_RE = re.compile(r"^\..+\.pt\.[a-z0-9_]{8}\.tmp$")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 
 
@@ -52,30 +50,6 @@ class CheckpointError(Exception):
         super().__init__(f"{self.path}: {problem}")
 
 
-class WriteError(OSError):
-    """An output file that cannot be written (full disk, no permission, read-only file system).
-
-    ``str(err)`` is one line, ``cannot write <path>: <cause>``; ``err.filename`` is the path.
-    """
-
-    def __str__(self) -> str:
-        return f"cannot write {self.filename}: {self.strerror}"
-
-
-def write_error(err: OSError, path: str | Path) -> WriteError:
-    """``err`` (a failed write, mkdir, rename...) as a :class:`WriteError` naming ``path``."""
-    return WriteError(err.errno, err.strerror or str(err) or "write failed", str(path))
-
-
-def _os_error_behind(err: BaseException) -> OSError | None:
-    """The OSError behind ``err``: torch reports a failed write of its zip writer as a
-    RuntimeError about stream positions, with the OSError as its ``__context__``."""
-    seen: BaseException | None = err
-    while seen is not None and not isinstance(seen, OSError):
-        seen = seen.__cause__ or seen.__context__
-    return seen
-
-
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write ``state`` (plus ``"format"``) to ``path`` atomically.
 
@@ -85,42 +59,9 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     permission). The file is written to a temp file in the same folder, flushed to disk and
     renamed over ``path``; on any error the temp file is removed and ``path`` is left as it was.
     """
-    path = Path(path)
     state = {"format": FORMAT, **state}
     _check_plain(state, "checkpoint")
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as err:
-        cause = _os_error_behind(err)
-        if cause is None:
-            raise
-        raise write_error(cause, path) from err
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort: not every file system allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save(state, f), mode="wb")
 
 
 def clean_stale_temps(folder: str | Path) -> list[Path]:
@@ -129,15 +70,7 @@ def clean_stale_temps(folder: str | Path) -> list[Path]:
     Only call it while holding the folder's :class:`OutputLock`: a live writer's temp file looks
     the same. Returns the files removed.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for entry in folder.iterdir():
-        if _TEMP_RE.match(entry.name) and entry.is_file() and not entry.is_symlink():
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
+    return clean_temps(folder, ".pt")
 
 
 class OutputInUseError(Exception):
@@ -304,11 +237,7 @@ def checkpoint_hash(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint file")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_hash(path)
 
 
 def capture_rng() -> dict:

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from speechvq.audio import AudioError, load_audio
+from speechvq.files import write_text
 
 if TYPE_CHECKING:
     from speechvq.data.manifest import ManifestRow
@@ -239,18 +239,7 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are shared
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(_dumps(self.to_dict()) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_text(path, _dumps(self.to_dict()) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:

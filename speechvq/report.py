@@ -12,7 +12,6 @@ import html
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from speechvq.audio import load_audio
 from speechvq.features import build_logmel
+from speechvq.files import atomic_write, write_text
 from speechvq.units import dedup
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,7 @@ def _mel_png(wav_path: Path, png_path: Path, features_cfg: Mapping) -> None:
               extent=(0.0, seconds, 0, mel.shape[0]))
     ax.set_xlabel("seconds")
     ax.set_ylabel("mel bin")
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, png_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"), mode="wb")
 
 
 def _units_html(units: Sequence[int] | np.ndarray) -> str:
@@ -147,12 +139,7 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Row], title: str,
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
-    index = out_dir / "index.html"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".html")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, index)
-    return index
+    return write_text(out_dir / "index.html", page)
 
 
 def _tag(text: str) -> str:

@@ -17,7 +17,6 @@ Feature statistics come from ``data.stats`` (default: ``stats.json`` beside the 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
 from speechvq.features import FeatureStats, FrontEnd, augment_mels, build_logmel, compute_stats
+from speechvq.runtime import is_main_process
 from speechvq.vocoder import griffin_lim
 from speechvq.vqvae import build_vqvae
 
@@ -194,7 +194,7 @@ def _load_stats(
         log.info("%s not found: computing feature statistics from %s (%d utterances)", path,
                  manifest, len(train_rows))
         stats = compute_stats(train_rows, features, progress=progress)
-        if out_dir is not None and _is_rank0():
+        if out_dir is not None and is_main_process():
             stats.save(Path(out_dir) / "stats.json")
     if required and features.get("normalize") == "speaker":
         missing = [r for r in [*train_rows, *valid_rows] if r.speaker not in stats.speakers]
@@ -232,11 +232,6 @@ def _trim(item: dict, seconds: float, sample_rate: int) -> dict:
 
 def _clip(wav: Tensor) -> Tensor:
     return wav.detach().float().cpu().clamp(-1.0, 1.0).reshape(-1)
-
-
-def _is_rank0() -> bool:
-    # the task is built before fit() joins the process group: torchrun's env var says the rank
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _plain(cfg: Any) -> Any:

@@ -26,8 +26,6 @@ import hashlib
 import inspect
 import logging
 import math
-import os
-import random
 import signal
 import time
 from collections.abc import Iterator, Mapping
@@ -35,7 +33,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -52,8 +49,9 @@ from speechvq.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
-    write_error,
 )
+from speechvq.files import write_error
+from speechvq.runtime import resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +174,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
     Without ``WORLD_SIZE > 1`` in the environment this is a single process and does nothing.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if runtime.world_size() <= 1:
         return DistInfo()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = runtime.local_rank()
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=False)
     use_cuda = resolve_device(device, local_rank).type == "cuda"
@@ -187,17 +184,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=True)
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when present (this rank's GPU under torchrun) else CPU; else ``device``."""
-    device = str(device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
 
 
 def state_checksums(module: nn.Module) -> dict[str, str]:
@@ -323,13 +309,6 @@ def _rng_preserved(device: torch.device) -> Iterator[None]:
         restore_rng(state)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -511,7 +490,7 @@ def fit(
     Raises:
         TrainingError: a run that cannot start (see :func:`resume_path`) or go on.
         speechvq.checkpoint.OutputInUseError: another process is training into ``out_dir``.
-        speechvq.checkpoint.WriteError: a file of the run cannot be written (full disk, ...).
+        speechvq.files.WriteError: a file of the run cannot be written (full disk, ...).
     Returns:
         ``{"step", "stopped" ("max_steps" | "max_minutes" | "interrupt" | "sigterm"), "best",
         "valid_loss", "train_loss", "last", "best_path"}``.

@@ -37,13 +37,11 @@ nshards=n`` writes; :func:`merge_shards` joins them into ``FILE``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +55,7 @@ from torch import nn
 
 from speechvq.audio import AudioError, load_audio
 from speechvq.features import FeatureStats, FrontEnd
+from speechvq.files import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -198,30 +197,6 @@ def _check_format(fmt: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# atomic writing
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write through ``write(file)`` to a temp file in ``path``'s folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are shared
-    try:
-        kwargs = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=1) + "\n"))
-
-
-# --------------------------------------------------------------------------------------------
 # writing
 
 
@@ -275,7 +250,7 @@ def _write_lines(path: Path, seqs: Mapping[str, np.ndarray], fmt: str, spaced: b
             else:
                 f.write(f"{utt} {body}\n" if body else f"{utt}\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_npz(path: Path, seqs: Mapping[str, np.ndarray], dtype: type) -> None:
@@ -287,12 +262,12 @@ def _write_npz(path: Path, seqs: Mapping[str, np.ndarray], dtype: type) -> None:
             raise ValueError(f"{path}: {utt}: values out of {np.dtype(dtype).name} range")
         arrays[utt] = seq.astype(dtype)
     # A file object, not a name: np.savez would append ".npz" to a name lacking it.
-    _atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
+    atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
 
 
 def _write_km_dict(path: Path, n_codes: int) -> None:
     target = path.parent / KM_DICT
-    _atomic_write(target, lambda f: f.write("".join(f"{i} 1\n" for i in range(n_codes))))
+    atomic_write(target, lambda f: f.write("".join(f"{i} 1\n" for i in range(n_codes))))
 
 
 def write_units(
@@ -468,10 +443,7 @@ def read_sidecar(path: str | os.PathLike) -> dict | None:
     spath = sidecar_path(path)
     if not spath.exists():
         return None
-    try:
-        return json.loads(spath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{spath}: not valid JSON ({err})") from None
+    return read_json(spath)
 
 
 def write_sidecar(path: str | os.PathLike, meta: Mapping[str, Any]) -> None:

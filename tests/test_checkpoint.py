@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from speechvq.checkpoint import (
     FORMAT,
     CheckpointError,
-    WriteError,
     capture_rng,
     checkpoint_hash,
     checkpoint_key,
@@ -23,6 +22,7 @@ from speechvq.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from speechvq.files import WriteError
 
 
 def _state(kind: str = "vqvae") -> dict:

@@ -21,6 +21,7 @@ from speechvq.cli import extract
 from speechvq.cli._hydra import StageError, conf_dir
 from speechvq.data.manifest import ManifestRow, read_manifest, write_manifest
 from speechvq.features import FeatureStats, FrontEnd, Moments, build_logmel, compute_stats
+from speechvq.files import file_hash
 from speechvq.nn.quantizer import kmeans, sq_distances
 from speechvq.vqvae import build_vqvae, load_vqvae
 
@@ -209,8 +210,8 @@ def test_sidecar_describes_the_files_beside_it(corpus, tmp_path, capsys):
             "dedup=true"]
     _run(args)
     meta = json.loads(U.sidecar_path(out).read_text())
-    assert meta["units_hash"] == extract._file_hash(out)
-    assert meta["durations_hash"] == extract._file_hash(U.durations_path(out))
+    assert meta["units_hash"] == file_hash(out)
+    assert meta["durations_hash"] == file_hash(U.durations_path(out))
     mine = out.read_bytes()
     theirs = {utt: (seq + 1) % 32 for utt, seq in U.read_units(out, expand=True).items()}
     U.write_units(out, theirs, "gslm", dedup=True)  # as another run would have left them
@@ -236,8 +237,8 @@ def test_shards_merge_to_the_whole(corpus, tmp_path, capsys):
         tmp_path / "all.txt.durations").read_text()
     meta = json.loads((tmp_path / "sharded.txt.json").read_text())
     assert meta["counts"]["utterances"] == 9 and len(meta["rejected"]) == 1
-    assert meta["units_hash"] == extract._file_hash(tmp_path / "sharded.txt")  # not shard 0's
-    assert meta["durations_hash"] == extract._file_hash(tmp_path / "sharded.txt.durations")
+    assert meta["units_hash"] == file_hash(tmp_path / "sharded.txt")  # not shard 0's
+    assert meta["durations_hash"] == file_hash(tmp_path / "sharded.txt.durations")
 
 
 def test_stage_errors(corpus, tmp_path):

@@ -509,7 +509,7 @@ def _fail_saves_from(monkeypatch, step: int) -> None:
 
 
 def test_full_disk_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    from speechvq.checkpoint import WriteError
+    from speechvq.files import WriteError
 
     _fail_saves_from(monkeypatch, step=8)
     with pytest.raises(WriteError) as err:

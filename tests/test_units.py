@@ -182,7 +182,7 @@ class _Killed(BaseException):
 
 def _rewrite_killed_at(monkeypatch, kill_at: int, path, units, fmt: str, dedup: bool) -> bool:
     """``write_units`` killed just before its ``kill_at``-th atomic write; True if it finished."""
-    real, calls = U._atomic_write, []
+    real, calls = U.atomic_write, []
 
     def write(*args, **kwargs):
         calls.append(args[0])
@@ -190,14 +190,14 @@ def _rewrite_killed_at(monkeypatch, kill_at: int, path, units, fmt: str, dedup: 
             raise _Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(U, "_atomic_write", write)
+    monkeypatch.setattr(U, "atomic_write", write)
     try:
         U.write_units(path, units, fmt, dedup=dedup)
         return True
     except _Killed:
         return False
     finally:
-        monkeypatch.setattr(U, "_atomic_write", real)
+        monkeypatch.setattr(U, "atomic_write", real)
 
 
 @pytest.mark.parametrize("fmt", ["gslm", "kaldi", "npy"])

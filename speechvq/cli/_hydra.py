@@ -26,6 +26,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from speechvq.audio import AudioError
+from speechvq.checkpoint import CheckpointError, OutputInUseError
+from speechvq.files import WriteError
+
 log = logging.getLogger("speechvq")
 
 # `out_dir: ${speechvq_dirname:${out}}`: a stage whose output is a file runs hydra in its folder.
@@ -56,8 +60,6 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 def _write_problem(err: OSError) -> str | None:
     """One line for a failed write of an output, or None when ``err`` is not one."""
-    from speechvq.checkpoint import WriteError
-
     if isinstance(err, WriteError):
         return str(err)
     if err.errno in _WRITE_ERRNOS:
@@ -148,9 +150,6 @@ def _check_config(path: str, config_name: str, overrides: list[str],
 def _run_reported(run: Callable[[DictConfig], int | None], cfg: DictConfig,
                   aliases: Mapping[str, str]) -> None:
     """``run(cfg)`` inside hydra; user errors become one logged line and exit status 2."""
-    from speechvq.audio import AudioError
-    from speechvq.checkpoint import CheckpointError, OutputInUseError
-
     missing = _missing_values(cfg, aliases)
     if missing:
         log.error("%s", missing)
@@ -180,8 +179,6 @@ Claim = Callable[[DictConfig], AbstractContextManager]
 def _before_hydra(cfg: DictConfig, claim: Claim | None, stack: contextlib.ExitStack) -> str | None:
     """The checks that must come before hydra writes anything: the run folder can be written,
     and the stage's ``claim`` (refusals, locks; entered on ``stack``). One line, or None."""
-    from speechvq.checkpoint import OutputInUseError, WriteError
-
     problem = probe_writable(str(cfg.hydra.run.dir))
     if problem or claim is None:
         return problem

@@ -32,8 +32,9 @@ from speechvq.checkpoint import CheckpointError, checkpoint_hash
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.alignments import load_alignments, match_alignments
 from speechvq.data.manifest import ManifestRow, read_manifest
+from speechvq.files import write_json
 from speechvq.metrics import unit_metrics
-from speechvq.units import read_sidecar, read_units, write_json
+from speechvq.units import read_sidecar, read_units
 from speechvq.vqvae import load_vqvae
 
 log = logging.getLogger("speechvq.evaluate")

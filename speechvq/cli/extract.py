@@ -19,7 +19,6 @@ unit (and durations) file, so it describes exactly the files beside it; "already
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from speechvq.checkpoint import CheckpointError, OutputLock, checkpoint_hash
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.manifest import read_manifest
 from speechvq.features import stats_for_rows
-from speechvq.training import resolve_device
+from speechvq.files import file_hash
+from speechvq.runtime import resolve_device
 from speechvq.units import (
     FORMATS,
     ChunkedEncoder,
@@ -50,21 +50,12 @@ from speechvq.vqvae import load_vqvae
 log = logging.getLogger("speechvq.extract")
 
 
-def _file_hash(path: Path) -> str:
-    """The first 16 hex digits of the file's sha256 (read in blocks)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def _output_hashes(target: Path) -> dict:
     """``units_hash`` and ``durations_hash`` (None without durations) of the files beside the
     sidecar: what makes a sidecar describe these very files."""
     dpath = durations_path(target)
-    return {"units_hash": _file_hash(target),
-            "durations_hash": _file_hash(dpath) if dpath.exists() else None}
+    return {"units_hash": file_hash(target),
+            "durations_hash": file_hash(dpath) if dpath.exists() else None}
 
 
 def _lock(target: Path) -> OutputLock:
@@ -137,7 +128,7 @@ def _extract(cfg: DictConfig, target: Path, fmt: str, shard: int, nshards: int) 
     signature = {
         "checkpoint_hash": ckpt_hash,
         "manifest": str(manifest.resolve()),
-        "manifest_hash": _file_hash(manifest),
+        "manifest_hash": file_hash(manifest),
         "format": fmt,
         "dedup": bool(cfg.dedup),
         "shard": shard,

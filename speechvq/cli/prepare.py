@@ -38,8 +38,9 @@ from speechvq.data.folder import (
     split_rows,
     write_rejected,
 )
-from speechvq.data.manifest import ManifestRow, speakers_of, write_manifest, write_text_atomic
+from speechvq.data.manifest import ManifestRow, speakers_of, write_manifest
 from speechvq.features import compute_stats
+from speechvq.files import write_text
 
 log = logging.getLogger("speechvq.prepare")
 
@@ -263,7 +264,7 @@ def prepare_mini(cfg: DictConfig, out_dir: Path) -> None:
     for row in rows:
         phn = Path(row.path).with_suffix(".phn")
         if phn.is_file():
-            write_text_atomic(out_dir / "alignments" / f"{row.id}.phn", phn.read_text())
+            write_text(out_dir / "alignments" / f"{row.id}.phn", phn.read_text())
         else:
             n_missing += 1
     if n_missing:

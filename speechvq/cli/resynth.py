@@ -24,7 +24,7 @@ from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.manifest import read_manifest
 from speechvq.generate import Synthesizer, resolve_speakers, write_resynthesis
 from speechvq.report import log_to_tensorboard, write_report
-from speechvq.training import resolve_device
+from speechvq.runtime import resolve_device
 
 log = logging.getLogger("speechvq.resynth")
 

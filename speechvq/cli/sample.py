@@ -33,7 +33,7 @@ from speechvq.generate import (
     write_samples,
 )
 from speechvq.report import Clip, Row, log_to_tensorboard, write_report
-from speechvq.training import resolve_device
+from speechvq.runtime import resolve_device
 from speechvq.units import write_units
 
 log = logging.getLogger("speechvq.sample")

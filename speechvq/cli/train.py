@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from speechvq.audio import AudioError
 from speechvq.checkpoint import CheckpointError
 from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.runtime import is_main_process, seed_everything
 from speechvq.tasks import VQVAETask
-from speechvq.training import TrainingError, fit, resume_path, run_lock, seed_everything
+from speechvq.training import TrainingError, fit, resume_path, run_lock
 
 log = logging.getLogger("speechvq.train")
 
@@ -48,7 +48,7 @@ def claim(cfg: DictConfig) -> Iterator[None]:
     """Before hydra writes EXP/.hydra and EXP/train.log: refuse a run that ``fit`` would refuse,
     and hold EXP's lock (rank 0 of a torchrun job) until the process ends."""
     _check_refusal(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         yield
         return
     with run_lock(Path(cfg.out_dir), "speechvq-train"):
@@ -57,14 +57,14 @@ def claim(cfg: DictConfig) -> Iterator[None]:
 
 
 def run(cfg: DictConfig) -> int | None:
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:  # one voice: the other ranks only report problems
+    main_process = is_main_process()
+    if not main_process:  # one voice: the other ranks only report problems
         logging.getLogger().setLevel(logging.WARNING)
     config = OmegaConf.to_container(cfg, resolve=True)
     out_dir = Path(cfg.out_dir)
     seed_everything(int(cfg.seed))  # the same initial weights on every rank
     try:
-        task = VQVAETask(config, out_dir=out_dir, progress=rank == 0)
+        task = VQVAETask(config, out_dir=out_dir, progress=main_process)
     except (ValueError, AudioError) as err:
         raise StageError(str(err)) from None
     try:
@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> int | None:
                      device=str(cfg.device), config=config)
     except (TrainingError, CheckpointError) as err:
         raise StageError(str(err)) from None
-    if rank == 0:
+    if main_process:
         best = Path(result["best_path"])
         what = "valid loss" if task.valid_set is not None else "train loss"
         print(f"stopped ({result['stopped']}) at step {result['step']}: {result['last']}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,11 @@ from speechvq.checkpoint import CheckpointError, load_checkpoint
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.cli.train import claim
 from speechvq.data.manifest import read_manifest
+from speechvq.files import write_json
 from speechvq.generate import PriorTask, load_prior, split_ids, unit_perplexity
+from speechvq.runtime import is_main_process
 from speechvq.training import TrainingError, fit
-from speechvq.units import read_sidecar, read_units, write_json
+from speechvq.units import read_sidecar, read_units
 
 log = logging.getLogger("speechvq.train_prior")
 
@@ -133,7 +134,7 @@ def run(cfg: DictConfig) -> None:
                      device=str(cfg.device), config=OmegaConf.to_container(cfg, resolve=True))
     except TrainingError as err:
         raise StageError(str(err)) from None
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return
     best = Path(result["best_path"])
     prior, _ = load_prior(best if best.exists() else result["last"])

@@ -44,12 +44,13 @@ import bisect
 import math
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
+
+from speechvq.files import write_text
 
 if TYPE_CHECKING:
     from speechvq.data.manifest import ManifestRow
@@ -183,18 +184,6 @@ def _format_time(t: float) -> str:
     return f"{t:.7f}".rstrip("0").rstrip(".") or "0"
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_phn(path: str | os.PathLike, intervals: Iterable[Interval]) -> None:
     """Write intervals as a ``.phn`` file (``start end phone`` lines, seconds), atomically."""
     lines = []
@@ -202,7 +191,7 @@ def write_phn(path: str | os.PathLike, intervals: Iterable[Interval]) -> None:
         if not iv.label or any(c.isspace() for c in iv.label):
             raise ValueError(f"{path}: label {iv.label!r} cannot be written to a .phn file")
         lines.append(f"{_format_time(iv.start)} {_format_time(iv.end)} {iv.label}\n")
-    _atomic_write_text(path, "".join(lines))
+    write_text(path, "".join(lines))
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +386,7 @@ def write_frame_tsv(
         if any(not lab or any(c.isspace() for c in lab) for lab in seq):
             raise ValueError(f"{path}: {utt}: labels must be non-empty and contain no whitespace")
         lines.append(f"{utt}\t{frame_rate:g}\t{' '.join(seq)}\n")
-    _atomic_write_text(path, "".join(lines))
+    write_text(path, "".join(lines))
 
 
 def intervals_from_frames(labels: Sequence[str], frame_rate: float) -> list[Interval]:

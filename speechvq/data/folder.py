@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechvq.audio import AudioError, inspect_audio
-from speechvq.data.manifest import ManifestRow, write_text_atomic
+from speechvq.data.manifest import ManifestRow
+from speechvq.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def write_rejected(path: str | os.PathLike, rejected: Sequence[tuple[str, str]])
     Whitespace runs in a reason become one space.
     """
     lines = ["path\treason"] + [f"{_escape(p)}\t{_clean_reason(r)}" for p, r in rejected]
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _escape(name: str) -> str:

@@ -44,7 +44,8 @@ import soundfile as sf
 from tqdm import tqdm
 
 from speechvq.data.folder import librispeech_candidates, write_rejected
-from speechvq.data.manifest import ManifestRow, speakers_of, write_manifest, write_text_atomic
+from speechvq.data.manifest import ManifestRow, speakers_of, write_manifest
+from speechvq.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ def obtain_subset(
     archive = fetch_archive(subset, download_dir, urls, md5, md5_source, **download_kwargs)
     extract_subset(archive, subset, download_dir, progress=download_kwargs.get("progress", True))
     record = {"subset": subset.name, "archive": archive.name, "md5": md5.lower()}
-    write_text_atomic(_marker(subset_dir), json.dumps(record) + "\n")
+    write_text(_marker(subset_dir), json.dumps(record) + "\n")
     if not keep_archive:
         archive.unlink()
     log.info("%s: ready in %s", subset.name, subset_dir)
@@ -639,7 +640,7 @@ def import_alignments(
                 log.warning("skipping alignment %s: %s", f, err)
                 continue
             lines = [f"{i.start:.4f} {i.end:.4f} {i.label}" for i in intervals]
-            write_text_atomic(out_dir / f"{utt_id}.phn", "\n".join(lines) + "\n")
+            write_text(out_dir / f"{utt_id}.phn", "\n".join(lines) + "\n")
             written += 1
     if not written:
         raise ValueError(f"{src}: no alignment matches any of the {len(wanted)} utterances")

@@ -9,10 +9,11 @@ relative paths are resolved against the manifest's folder (written manifests hol
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from speechvq.files import write_text
 
 COLUMNS = ("id", "path", "num_samples", "speaker")
 TEXT_COLUMN = "text"
@@ -116,23 +117,7 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[ManifestRow]) -> None
         for what, value in zip((*COLUMNS, TEXT_COLUMN), fields, strict=False):
             _check_field(value, what, r.id)
         lines.append("\t".join(fields))
-    write_text_atomic(path, "\n".join(lines) + "\n")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are shared
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def speakers_of(rows: Sequence[ManifestRow]) -> list[str]:
