@@ -26,7 +26,8 @@ import torch
 from omegaconf import OmegaConf
 
 from speechvq.features import FeatureStats, Moments
-from speechvq.generate import Synthesizer, build_prior, sample_units
+from speechvq.prior import build_prior, sample_units
+from speechvq.synthesis import Synthesizer
 from speechvq.vqvae import build_vqvae
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,4 +1,7 @@
-"""The VQ-VAE as a :class:`speechvq.training.Task`: data from a manifest, model from the configs.
+"""What the fit loop trains (:class:`speechvq.training.Task`): the VQ-VAE and the unit prior.
+
+:class:`PriorTask` trains :class:`speechvq.nn.prior.Prior` on unit sequences
+(:mod:`speechvq.prior`); the rest of this docstring is about :class:`VQVAETask`.
 
 ``VQVAETask(cfg)`` takes the resolved ``speechvq-train`` config as plain data (``data``,
 ``features``, ``model``, ``quantizer``, ``seed``) and builds:
@@ -27,7 +30,17 @@ from torch import Tensor, nn
 from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
 from speechvq.features import FeatureStats, FrontEnd, augment_mels, build_logmel, compute_stats
+from speechvq.prior import (
+    UnitSequences,
+    build_prior,
+    collate_units,
+    ngram_perplexities,
+    prior_model_config,
+    sample_units,
+    unit_perplexity,
+)
 from speechvq.runtime import is_main_process
+from speechvq.units import Units
 from speechvq.vocoder import griffin_lim
 from speechvq.vqvae import build_vqvae
 
@@ -241,3 +254,71 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, Sequence) and not isinstance(cfg, str):
         return [_plain(v) for v in cfg]
     return cfg
+
+
+class PriorTask:
+    """The prior as a :class:`speechvq.training.Task` for :func:`speechvq.training.fit`.
+
+    Args:
+        train, valid: id -> frame-level units (int arrays) of each split.
+        speaker_of: id -> speaker name for utterances whose speaker is known (others get BOS).
+        speakers: the speaker names behind the speaker tokens (saved in the checkpoint meta).
+        prior_cfg: the ``prior`` config group (Prior kwargs minus n_codes / n_speakers).
+        n_codes: codebook size of the VQ-VAE the units came from.
+        max_units: units per training crop / validation window (at most ``block_size``).
+        meta: extra plain data for the checkpoint (units file, frame rate, VQ-VAE hash...).
+        seed: crops' seed.
+    """
+
+    kind = "prior"
+
+    def __init__(self, train: Units, valid: Units, speaker_of: Mapping[str, str],
+                 speakers: Sequence[str], prior_cfg: Mapping[str, Any], n_codes: int,
+                 max_units: int | None = None, meta: Mapping[str, Any] | None = None,
+                 seed: int = 0) -> None:
+        self.speakers = [str(s) for s in speakers]
+        self.model = build_prior(prior_cfg, n_codes, len(self.speakers))
+        self.model_config = prior_model_config(self.model)
+        block = self.model.config.block_size
+        self.max_units = min(int(max_units or block), block)
+        for split, units in (("train", train), ("valid", valid)):
+            bad = [i for i, u in units.items() if len(u) and (u.min() < 0 or u.max() >= n_codes)]
+            if bad:
+                raise ValueError(f"{split} utterance {bad[0]!r} has units outside [0, {n_codes})"
+                                 f" ({len(bad)} such utterances)")
+        index = {s: i for i, s in enumerate(self.speakers)}
+
+        def leads(ids: Sequence[str]) -> list[int]:
+            spk = (index.get(speaker_of.get(i)) for i in ids)  # type: ignore[arg-type]
+            return [self.model.speaker_token(s) for s in spk]
+
+        train_ids, valid_ids = sorted(train), sorted(valid)
+        self.train_set = UnitSequences([train[i] for i in train_ids], leads(train_ids),
+                                       self.max_units, crop=True, seed=seed)
+        self.valid_set = UnitSequences([valid[i] for i in valid_ids], leads(valid_ids),
+                                       self.max_units, crop=False)
+        self.baselines = ngram_perplexities([train[i] for i in train_ids],
+                                            [valid[i] for i in valid_ids], n_codes)
+        self.meta = {**dict(meta or {}), "speakers": self.speakers, "n_codes": int(n_codes),
+                     "baselines": dict(self.baselines),
+                     "split": {"train": len(train_ids), "valid": len(valid_ids)}}
+        known = sum(1 for i in train_ids if speaker_of.get(i) in index)
+        log.info("prior data: %d train / %d valid utterances, %d train units, %d speakers "
+                 "(%d train utterances with a speaker token)", len(train_ids), len(valid_ids),
+                 sum(len(train[i]) for i in train_ids), len(self.speakers), known)
+
+    def collate(self, items: list) -> dict:
+        return collate_units(items)
+
+    def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        _, loss = model(batch["idx"], batch["targets"])
+        return {"loss": loss}
+
+    def log_media(self, model: nn.Module, writer: Any, step: int) -> None:
+        """Exact validation perplexity per unit beside the n-gram baselines, and a short sample."""
+        ppl = unit_perplexity(model, self.valid_set)
+        writer.add_scalar("valid/perplexity", ppl, step)
+        writer.add_scalar("valid/unigram_perplexity", self.baselines["unigram"], step)
+        writer.add_scalar("valid/bigram_perplexity", self.baselines["bigram"], step)
+        units = sample_units(model, 1, min(100, self.max_units), seed=step)[0].tolist()
+        writer.add_text("prior/sample_units", " ".join(map(str, units)), step)

@@ -26,7 +26,7 @@ from speechvq.features import (
     compute_stats,
     stats_for_rows,
 )
-from speechvq.generate import Synthesizer
+from speechvq.synthesis import Synthesizer
 from speechvq.tasks import VQVAETask
 from speechvq.training import fit
 from speechvq.units import ChunkedEncoder, ModelInput, extract_units

@@ -19,9 +19,7 @@ from speechvq.audio import save_audio
 from speechvq.checkpoint import load_checkpoint, save_checkpoint
 from speechvq.data.manifest import ManifestRow, write_manifest
 from speechvq.features import FeatureStats, Moments
-from speechvq.generate import (
-    PriorTask,
-    Synthesizer,
+from speechvq.prior import (
     build_prior,
     load_prior,
     ngram_perplexities,
@@ -29,8 +27,9 @@ from speechvq.generate import (
     sample_units,
     split_ids,
     unit_perplexity,
-    write_samples,
 )
+from speechvq.synthesis import Synthesizer, write_samples
+from speechvq.tasks import PriorTask
 from speechvq.training import fit
 from speechvq.units import write_units
 from speechvq.vqvae import build_vqvae
@@ -467,7 +466,7 @@ def test_griffin_lim_inverts_the_front_end():
 
 
 def test_resolve_speakers():
-    from speechvq.generate import resolve_speakers
+    from speechvq.synthesis import resolve_speakers
 
     known = ["1001", "1002", "bob"]
     assert resolve_speakers(None, known, "ckpt") == []

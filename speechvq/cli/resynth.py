@@ -22,9 +22,9 @@ from speechvq.audio import AudioError
 from speechvq.checkpoint import CheckpointError
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.manifest import read_manifest
-from speechvq.generate import Synthesizer, resolve_speakers, write_resynthesis
 from speechvq.report import log_to_tensorboard, write_report
 from speechvq.runtime import resolve_device
+from speechvq.synthesis import Synthesizer, resolve_speakers, write_resynthesis
 
 log = logging.getLogger("speechvq.resynth")
 

@@ -25,15 +25,11 @@ from speechvq.audio import AudioError, load_audio, save_audio
 from speechvq.checkpoint import CheckpointError
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.data.manifest import read_manifest
-from speechvq.generate import (
-    Synthesizer,
-    load_prior,
-    resolve_speakers,
-    safe_name,
-    write_samples,
-)
+from speechvq.files import safe_name
+from speechvq.prior import load_prior
 from speechvq.report import Clip, Row, log_to_tensorboard, write_report
 from speechvq.runtime import resolve_device
+from speechvq.synthesis import Synthesizer, resolve_speakers, write_samples
 from speechvq.units import write_units
 
 log = logging.getLogger("speechvq.sample")

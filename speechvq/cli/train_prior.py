@@ -29,8 +29,9 @@ from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.cli.train import claim
 from speechvq.data.manifest import read_manifest
 from speechvq.files import write_json
-from speechvq.generate import PriorTask, load_prior, split_ids, unit_perplexity
+from speechvq.prior import load_prior, split_ids, unit_perplexity
 from speechvq.runtime import is_main_process
+from speechvq.tasks import PriorTask
 from speechvq.training import TrainingError, fit
 from speechvq.units import read_sidecar, read_units
 

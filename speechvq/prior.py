@@ -1,0 +1,227 @@
+"""The unit prior: build it, load it, sample from it; its training sequences and perplexities.
+
+- :func:`build_prior` / :func:`load_prior` make a :class:`speechvq.nn.prior.Prior` from the
+  ``prior`` config group or rebuild a trained one from its checkpoint alone;
+- :func:`sample_units` draws unit sequences, unconditionally or continuing a prompt;
+- :class:`UnitSequences` and :func:`collate_units` are its training / validation examples
+  (:class:`speechvq.tasks.PriorTask` trains it with the shared fit loop);
+- :func:`unit_perplexity` is its exact validation perplexity per unit, and
+  :func:`ngram_perplexities` the unigram and bigram baselines it is reported against.
+
+Speakers: the prior's leading token is a speaker token when the utterance's speaker is known (from
+a manifest), BOS otherwise; the token inventory is the VQ-VAE checkpoint's speaker list when known
+(so prior and decoder agree on names), else the manifest's speakers. The prior's checkpoint meta
+keeps its own ``speakers`` list; the decoder uses the VQ-VAE's; they are matched by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from speechvq.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from speechvq.metrics import prior_perplexity
+from speechvq.nn.prior import IGNORE_INDEX, Prior
+
+# ------------------------------------------------------------------------------------------------
+# building and loading
+
+
+def build_prior(prior_cfg: Mapping[str, Any], n_codes: int, n_speakers: int) -> Prior:
+    """A prior from the ``prior`` config group plus the sizes taken from the data."""
+    cfg = {str(k): prior_cfg[k] for k in prior_cfg}
+    return Prior(n_codes=int(n_codes), n_speakers=int(n_speakers), **cfg)
+
+
+def load_prior(path: str | Path, map_location: str | torch.device = "cpu"
+               ) -> tuple[Prior, dict[str, Any]]:
+    """Rebuild a trained prior from its checkpoint; returns (prior in eval mode, meta).
+
+    ``meta`` holds ``speakers`` (the names behind the speaker tokens), ``n_codes``, ``frame_rate``
+    and where the units came from.
+    """
+    ckpt = load_checkpoint(path, kind="prior")
+    try:
+        prior = Prior(**ckpt["model_config"])
+    except TypeError as err:
+        raise CheckpointError(path, f"model_config does not fit Prior: {err}") from None
+    load_model_state(prior, ckpt, path)
+    return prior.to(map_location).eval(), dict(ckpt["meta"])
+
+
+def prior_model_config(prior: Prior) -> dict[str, Any]:
+    """What the checkpoint stores to rebuild ``prior``: ``Prior(**model_config)``."""
+    return asdict(prior.config)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_units(prior: Prior, n: int, n_units: int,
+                 speaker: int | None | Sequence[int | None] = None,
+                 prompt: Sequence[int] | Tensor | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0
+                 ) -> Tensor:
+    """Draw ``n`` unit sequences of ``n_units`` frames: (n, n_units) long, on the prior's device.
+
+    ``speaker`` is the prior's speaker index (None: BOS, no speaker), or one per sequence. With a
+    ``prompt`` (unit ids), every sequence starts with it and the prior continues it; a prompt
+    longer than ``n_units`` is cut. The same arguments and seed give the same units, and sequence
+    i does not depend on ``n``.
+    """
+    device = prior.lm_head.weight.device
+    spk = list(speaker) if isinstance(speaker, Sequence) else [speaker] * n
+    if len(spk) != n:
+        raise ValueError(f"{len(spk)} speakers for {n} sequences")
+    leads = torch.tensor([prior.speaker_token(s) for s in spk], device=device)
+    prompt_t = torch.as_tensor(prompt if prompt is not None else [], dtype=torch.long)
+    prompt_t = prompt_t.reshape(-1)[:n_units].to(device)
+    if prompt_t.numel() and (prompt_t.min() < 0 or prompt_t.max() >= prior.n_codes):
+        raise ValueError(f"prompt units must lie in [0, {prior.n_codes})")
+    start = torch.cat([leads[:, None], prompt_t.expand(n, -1)], dim=1)
+    # one stream per sequence: sequence i depends on (seed, i), not on n
+    generator = [torch.Generator(device=device).manual_seed(int(seed) * 100_003 + i)
+                 for i in range(n)]
+    out = prior.generate(start, n_units - prompt_t.numel(), temperature=temperature,
+                         top_k=top_k, top_p=top_p, generator=generator)
+    return out[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# training sequences and perplexities
+
+
+def ngram_perplexities(train: Sequence[np.ndarray], valid: Sequence[np.ndarray], n_codes: int
+                       ) -> dict[str, float]:
+    """Per-unit perplexity of add-one smoothed unigram and bigram models on ``valid``.
+
+    Both are estimated on ``train`` with Laplace (add-one) smoothing over the ``n_codes`` units;
+    the bigram's first unit of an utterance is predicted from a start context (its own counts,
+    also add-one smoothed). Returns ``{"unigram": ppl, "bigram": ppl, "units": count}``.
+    """
+    uni = np.ones(n_codes, dtype=np.float64)
+    big = np.ones((n_codes + 1, n_codes), dtype=np.float64)  # row n_codes: utterance start
+    for seq in train:
+        seq = np.asarray(seq, dtype=np.int64)
+        if seq.size == 0:
+            continue
+        uni += np.bincount(seq, minlength=n_codes)
+        prev = np.concatenate([[n_codes], seq[:-1]])
+        np.add.at(big, (prev, seq), 1.0)
+    log_uni = np.log(uni / uni.sum())
+    log_big = np.log(big / big.sum(axis=1, keepdims=True))
+    nll_uni = nll_big = 0.0
+    count = 0
+    for seq in valid:
+        seq = np.asarray(seq, dtype=np.int64)
+        if seq.size == 0:
+            continue
+        prev = np.concatenate([[n_codes], seq[:-1]])
+        nll_uni -= log_uni[seq].sum()
+        nll_big -= log_big[prev, seq].sum()
+        count += seq.size
+    if count == 0:
+        raise ValueError("no validation units to compute perplexities on")
+    return {"unigram": math.exp(nll_uni / count), "bigram": math.exp(nll_big / count),
+            "units": count}
+
+
+def split_ids(ids: Sequence[str], valid_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded held-out split of utterance ids: (train, valid), at least one of each."""
+    ids = sorted(ids)
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 utterances to hold some out, got {len(ids)}")
+    n_valid = min(max(1, round(len(ids) * valid_fraction)), len(ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    valid = sorted(ids[i] for i in order[:n_valid])
+    held = set(valid)
+    return [i for i in ids if i not in held], valid
+
+
+def windows(seq: np.ndarray, length: int) -> list[np.ndarray]:
+    """Cut ``seq`` into consecutive pieces of at most ``length`` units (validation chunks)."""
+    return [seq[i : i + length] for i in range(0, len(seq), length)]
+
+
+class UnitSequences(torch.utils.data.Dataset):
+    """Training/validation examples for the prior: ``[lead] + units`` -> next tokens.
+
+    Each item is one utterance (or, in ``crop`` mode, a random crop of ``max_units`` units whose
+    position is a function of ``(seed, epoch, index)``, so resumed runs see the same crops; or, for
+    validation, consecutive windows). Items: ``{"idx": (n,), "targets": (n,)}`` long for a piece of
+    ``n`` units: the input is ``[lead, u_1 .. u_{n-1}]`` and the targets ``[u_1 .. u_n]``, so every
+    unit of the piece, the first included, is predicted. ``max_units`` is at most
+    ``block_size``.
+    """
+
+    def __init__(self, sequences: Sequence[np.ndarray], leads: Sequence[int], max_units: int,
+                 crop: bool, seed: int = 0) -> None:
+        self.max_units = int(max_units)
+        self.crop = crop
+        self.seed = int(seed)
+        self.epoch = 0
+        self.items: list[tuple[np.ndarray, int]] = []
+        for seq, lead in zip(sequences, leads, strict=True):
+            seq = np.asarray(seq, dtype=np.int64)
+            if seq.size == 0:
+                continue
+            pieces = [seq] if crop else windows(seq, self.max_units)
+            self.items.extend((piece, int(lead)) for piece in pieces)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        seq, lead = self.items[index]
+        if self.crop and len(seq) > self.max_units:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            start = int(rng.integers(0, len(seq) - self.max_units + 1))
+            seq = seq[start : start + self.max_units]
+        tokens = torch.from_numpy(np.concatenate([[lead], seq]))
+        return {"idx": tokens[:-1], "targets": tokens[1:]}
+
+
+def collate_units(items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Pad to the longest item: ``idx`` (B, L) (padded with 0, never attended to from a real
+    position thanks to causality) and ``targets`` (B, L) (-1 where padded)."""
+    length = max(item["idx"].numel() for item in items)
+    idx = torch.zeros(len(items), length, dtype=torch.long)
+    targets = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = item["idx"].numel()
+        idx[row, :n] = item["idx"]
+        targets[row, :n] = item["targets"]
+    return {"idx": idx, "targets": targets}
+
+
+@torch.no_grad()
+def unit_perplexity(prior: Prior, data: UnitSequences, batch_size: int = 16) -> float:
+    """Exact per-unit perplexity of ``prior`` on ``data``: exp(total NLL / number of units)."""
+    was_training = prior.training
+    prior.eval()
+    device = prior.lm_head.weight.device
+    nll, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = collate_units([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        logits, _ = prior(batch["idx"].to(device))
+        targets = batch["targets"].to(device)
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+            reduction="sum")
+        nll += float(losses)
+        count += int((targets != IGNORE_INDEX).sum())
+    prior.train(was_training)
+    if count == 0:
+        raise ValueError("no units to compute a perplexity on")
+    return prior_perplexity(nll, count)

@@ -1,0 +1,236 @@
+"""Speaking from units: a trained VQ-VAE as audio -> units -> audio, and the listening pages.
+
+- :class:`Synthesizer` wraps a trained VQ-VAE: audio -> units (:meth:`Synthesizer.encode`) and
+  units -> audio in any of its speakers' voices (:meth:`Synthesizer.decode`: codebook vectors ->
+  speaker-conditioned decoder -> that speaker's statistics undone -> Griffin-Lim for mel models).
+- :func:`write_samples` speaks prior samples, :func:`write_resynthesis` reconstructs and converts
+  manifest utterances; both write WAVs and return the rows of a listening page
+  (:func:`speechvq.report.write_report`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from speechvq.audio import load_audio, save_audio
+from speechvq.features import FeatureStats, FrontEnd, UtteranceState, stats_for_rows
+from speechvq.files import safe_name
+from speechvq.nn.prior import Prior
+from speechvq.prior import sample_units
+from speechvq.report import Clip, Row
+from speechvq.vocoder import griffin_lim
+from speechvq.vqvae import load_vqvae
+
+log = logging.getLogger(__name__)
+
+
+class Synthesizer:
+    """A trained VQ-VAE with its checkpoint meta: audio -> units -> audio in a chosen voice.
+
+    ``vocoder`` holds :func:`speechvq.vocoder.griffin_lim` keyword arguments (``n_iter``,
+    ``momentum``) for mel models; wave models output audio directly.
+    """
+
+    def __init__(self, vqvae: torch.nn.Module, meta: Mapping[str, Any],
+                 vocoder: Mapping[str, Any] | None = None, source: str = "the VQ-VAE checkpoint"
+                 ) -> None:
+        self.vqvae = vqvae.eval()
+        self.meta = dict(meta)
+        self.source = source
+        self.vocoder = dict(vocoder or {})
+        self.speakers: list[str] = [str(s) for s in self.meta.get("speakers", [])]
+        self.features: dict[str, Any] = dict(self.meta.get("features") or {})
+        self.normalize: str = str(self.features.get("normalize", "speaker"))
+        stats = self.meta.get("stats")
+        self.stats = FeatureStats.from_dict(stats, path=source) if stats else None
+        if vqvae.kind == "mel":
+            if not self.features:
+                raise KeyError(f"{source}: meta lacks 'features' (the mel front-end config)")
+            if self.stats is None and self.normalize != "none":
+                raise KeyError(f"{source}: meta lacks 'stats' needed to undo "
+                               f"{self.normalize!r} normalisation")
+        self.sample_rate = int(self.features.get("sample_rate", getattr(vqvae, "sample_rate",
+                                                                         16000)))
+        self.frame_rate = float(vqvae.frame_rate)
+        self.n_codes = int(vqvae.n_codes)
+        self.samples_per_unit = int(vqvae.samples_per_unit)
+        self.front = FrontEnd(self.features, self.stats) if vqvae.kind == "mel" else None
+
+    def add_speakers(self, rows: Sequence[Any], stats_json: str | Path | None = None,
+                     progress: bool = False) -> None:
+        """Statistics for the speakers of manifest ``rows`` that the checkpoint lacks, by the one
+        policy (:func:`speechvq.features.stats_for_rows`, as extraction does), so resynthesis and
+        prompts encode an unseen speaker exactly as ``speechvq-extract`` does."""
+        if self.front is None or self.stats is None:
+            return
+        stats, _ = stats_for_rows(self.features, self.stats, rows, rows, stats_json, progress)
+        if stats is not None:
+            merged = {**stats.speakers, **self.stats.speakers}
+            self.stats = FeatureStats(self.features, self.stats.global_, merged, self.source)
+            self.front = FrontEnd(self.features, self.stats)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, vocoder: Mapping[str, Any] | None = None,
+                        device: str | torch.device = "cpu") -> Synthesizer:
+        vqvae, meta = load_vqvae(path, map_location=device)
+        return cls(vqvae, meta, vocoder, source=str(path))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vqvae.parameters()).device
+
+    def speaker_index(self, speaker: str) -> int:
+        """The decoder's index of ``speaker``; ValueError listing the known ones otherwise."""
+        try:
+            return self.speakers.index(str(speaker))
+        except ValueError:
+            known = ", ".join(self.speakers[:20]) + (" ..." if len(self.speakers) > 20 else "")
+            raise ValueError(f"{self.source}: unknown speaker {speaker!r} "
+                             f"(the decoder knows: {known})") from None
+
+    def num_units(self, num_samples: int) -> int:
+        return int(num_samples) // self.samples_per_unit
+
+    @torch.no_grad()
+    def encode(self, wav: Tensor, speaker: str | None = None) -> Tensor:
+        """wav: (T,) at ``sample_rate`` -> unit ids (U,) long, U = T // samples_per_unit.
+
+        The one front-end (:class:`speechvq.features.FrontEnd`) with the checkpoint's statistics
+        (plus those of :meth:`add_speakers`): the same units as ``speechvq-extract``.
+        """
+        return self.encode_with_state(wav, speaker)[0]
+
+    @torch.no_grad()
+    def encode_with_state(self, wav: Tensor, speaker: str | None = None
+                          ) -> tuple[Tensor, UtteranceState | None]:
+        """:meth:`encode`, also returning the utterance's front-end state (for :meth:`decode`)."""
+        # Cut to whole units first, as extraction (speechvq.units.ModelInput) and the datasets
+        # do: the utterance's level and statistics then match, and so do the units.
+        wav = wav[: self.num_units(wav.numel()) * self.samples_per_unit].float()
+        state = None
+        if self.front is not None:
+            state = self.front.measure(wav.cpu())
+            x = self.front(wav.cpu(), speaker, state).to(self.device).unsqueeze(0)
+        else:
+            x = wav.to(self.device).unsqueeze(0)
+        units = self.vqvae.encode(x)[0]
+        return units[: self.num_units(wav.numel())], state
+
+    @torch.no_grad()
+    def decode(self, units: Tensor, speakers: str | Sequence[str], seed: int = 0,
+               state: UtteranceState | None = None) -> Tensor:
+        """units: (B, U) or (U,) ids -> audio (B, U * samples_per_unit) or (T,), float32 on CPU.
+
+        ``speakers``: one name for all, or one per sequence; the decoder is conditioned on it and
+        (mel models) the features are denormalised with its statistics before the vocoder, or
+        with the source utterance's own (``state`` from :meth:`encode_with_state`) when the
+        front-end normalises per utterance (reconstruction).
+        """
+        single = units.dim() == 1
+        units = units.reshape(1, -1) if single else units
+        names = [speakers] * units.size(0) if isinstance(speakers, str) else list(speakers)
+        if len(names) != units.size(0):
+            raise ValueError(f"{len(names)} speakers for {units.size(0)} unit sequences")
+        index = torch.tensor([self.speaker_index(s) for s in names], device=self.device)
+        out = self.vqvae.decode(units.to(self.device), index)
+        if self.vqvae.kind == "mel":
+            out = self.front.denormalize(out.float().cpu(), names, state)
+            out = griffin_lim(out, self.features, seed=seed, **self.vocoder)
+        out = out.float().cpu()
+        return out[0] if single else out
+
+
+# ------------------------------------------------------------------------------------------------
+# the sample and resynthesis pipelines (files + listening-page rows)
+
+
+def resolve_speakers(spec: str | int | Sequence[str] | None, known: Sequence[str], source: str
+                     ) -> list[str]:
+    """``None`` -> [], ``"all"`` -> every known speaker, a name or a list -> those (checked)."""
+    if spec is None:
+        return []
+    if isinstance(spec, (list, tuple)):
+        names = [str(s) for s in spec]
+    else:  # hydra reads `speaker=1001` as an int
+        names = list(known) if spec == "all" else [str(spec)]
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        shown = ", ".join(list(known)[:20]) + (" ..." if len(known) > 20 else "")
+        raise ValueError(f"{source}: unknown speaker(s) {', '.join(unknown)} (known: {shown})")
+    return names
+
+def write_samples(synth: Synthesizer, prior: Prior, prior_speakers: Sequence[str],
+                  out_dir: str | Path, n: int, seconds: float, speakers: Sequence[str],
+                  prompt_units: Tensor | None = None, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0
+                  ) -> list[Row]:
+    """Sample ``n`` clips of ``seconds`` and write ``out_dir/sample_XXX.wav``; returns page rows.
+
+    Clip i is spoken by ``speakers[i % len(speakers)]`` (decoder voice and statistics); the prior
+    is conditioned on the same speaker's token when it knows that speaker, on BOS otherwise. A
+    ``prompt_units`` (U,) sequence starts every clip. Same arguments and seed -> same files;
+    clip i depends on (seed, i, its speaker), not on ``n``.
+    """
+    if prior.n_codes != synth.n_codes:
+        raise ValueError(f"the prior models {prior.n_codes} units but {synth.source} has "
+                         f"{synth.n_codes} codes: train the prior on this VQ-VAE's units")
+    if not speakers:
+        raise ValueError("no speaker to decode with")
+    n_units = max(1, round(seconds * synth.frame_rate))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [str(speakers[i % len(speakers)]) for i in range(n)]
+    tokens = [list(prior_speakers).index(s) if s in prior_speakers else None for s in names]
+    units = sample_units(prior, n, n_units, speaker=tokens, prompt=prompt_units,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).cpu()
+    page = []
+    for i in range(n):
+        path = out_dir / f"sample_{i:03d}.wav"
+        # decoded one by one so clip i's vocoder phases depend on (seed, i) only
+        save_audio(path, synth.decode(units[i], names[i], seed=seed + i), synth.sample_rate)
+        note = f"speaker {names[i]}" + ("" if names[i] in prior_speakers else
+                                        " (prior: no speaker token)")
+        page.append(Row(f"sample {i}", [Clip(path, f"sample {i}", units[i].numpy(), note)]))
+    return page
+
+
+def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Path,
+                      targets: Sequence[str], seed: int = 0) -> list[Row]:
+    """Reconstruction and voice conversion of manifest ``rows``; returns page rows.
+
+    Writes ``out_dir/original/<id>.wav`` (the input at the model's rate),
+    ``out_dir/reconstruction/<id>.wav`` (decoded with the utterance's own speaker when the
+    checkpoint knows it, else with the first target or its first speaker; the page says which) and
+    ``out_dir/converted/<target>/<id>.wav`` for every other target speaker.
+    """
+    out_dir = Path(out_dir)
+    synth.add_speakers(rows)  # unseen speakers: their own statistics, as extraction uses
+    page = []
+    for row in rows:
+        wav = load_audio(row.path, synth.sample_rate)
+        units, state = synth.encode_with_state(wav, row.speaker)
+        name = safe_name(row.id) + ".wav"
+        original = out_dir / "original" / name
+        save_audio(original, wav[: len(units) * synth.samples_per_unit], synth.sample_rate)
+        own = row.speaker in synth.speakers
+        voice = row.speaker if own else (list(targets) or synth.speakers)[0]
+        clips = [Clip(original, "original", None, f"speaker {row.speaker}")]
+        recon = out_dir / "reconstruction" / name
+        save_audio(recon, synth.decode(units, voice, seed=seed, state=state), synth.sample_rate)
+        note = f"decoded as {voice}" + ("" if own else f" ({row.speaker} unknown to the model)")
+        clips.append(Clip(recon, "reconstruction", units.cpu().numpy(), note))
+        others = [t for t in targets if t != voice]
+        if others:
+            converted = synth.decode(units.expand(len(others), -1), others, seed=seed)
+            for target, audio in zip(others, converted, strict=True):
+                path = out_dir / "converted" / safe_name(target) / name
+                save_audio(path, audio, synth.sample_rate)
+                clips.append(Clip(path, f"as {target}", None, "voice conversion"))
+        page.append(Row(row.id, clips))
+    return page
