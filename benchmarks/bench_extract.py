@@ -7,7 +7,7 @@ the codebook is k-means-initialised on the model's own encoder outputs, as train
 the units vary like a trained model's), saves them as checkpoints and, each phase in a fresh
 process so its peak memory is its own:
 
-1. real-time factor: ``speechvq.units.extract_units`` over a corpus of 10-s utterances (the mini
+1. real-time factor: ``speechvq.extract.extract_units`` over a corpus of 10-s utterances (the mini
    corpus' FLACs when present, else synthetic tones) on ``--threads`` CPU threads;
 2. a long file (``--minutes`` of audio: the corpus concatenated) extracted in 30 s windows: time
    and peak resident memory (``resource.getrusage``);
@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from speechvq.audio import load_audio, save_audio  # noqa: E402
 from speechvq.checkpoint import save_checkpoint  # noqa: E402
 from speechvq.data.manifest import ManifestRow  # noqa: E402
+from speechvq.extract import ChunkedEncoder, ModelInput, extract_units  # noqa: E402
 from speechvq.features import FeatureStats, Moments, build_logmel  # noqa: E402
 from speechvq.nn.quantizer import kmeans  # noqa: E402
-from speechvq.units import ChunkedEncoder, ModelInput, extract_units  # noqa: E402
 from speechvq.vqvae import build_vqvae, load_vqvae  # noqa: E402
 
 SR = 16000

@@ -24,6 +24,7 @@ import random
 import re
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,60 @@ class OutputLock:
         if entry[1] == 0:
             del _HELD[self._key]
             os.close(entry[0])  # releases the flock
+
+
+@dataclass(frozen=True)
+class VQVAEMeta:
+    """The ``meta`` of a VQ-VAE checkpoint: what every later stage needs besides the weights.
+
+    Written by :class:`speechvq.tasks.VQVAETask` (``to_dict``), read back by
+    :func:`speechvq.vqvae.load_vqvae` (``from_dict``): the one definition of its keys.
+
+    Attributes:
+        kind: ``"mel"`` or ``"wave"``.
+        speakers: the decoder's speakers; the index of a name is its embedding.
+        features: the log-mel front-end config (``conf/features``) the model was trained with.
+        stats: :meth:`speechvq.features.FeatureStats.to_dict` of the training statistics, or None
+            (wave model, or normalisation that needs none).
+        sample_rate, frame_rate, n_codes, samples_per_unit: the model's audio rate, unit frames
+            per second, codebook size and samples per unit (the model's own values).
+        manifest, valid_manifest: what it was trained and validated on (absolute paths).
+    """
+
+    kind: str
+    speakers: list[str]
+    features: dict | None
+    stats: dict | None
+    sample_rate: int
+    frame_rate: float
+    n_codes: int
+    samples_per_unit: int
+    manifest: str | None = None
+    valid_manifest: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain data for the checkpoint."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any], model: Any, path: str | Path = "<checkpoint>"
+                  ) -> VQVAEMeta:
+        """The meta of a checkpoint of ``model`` (a :class:`speechvq.vqvae.VQVAE`).
+
+        The frame geometry and codebook size are the model's (older checkpoints may lack them);
+        a value in ``meta`` that contradicts the model is a :class:`CheckpointError`.
+        """
+        own = {"kind": model.kind, "sample_rate": int(model.sample_rate),
+               "frame_rate": float(model.frame_rate), "n_codes": int(model.n_codes),
+               "samples_per_unit": int(model.samples_per_unit)}
+        for key, value in own.items():
+            if meta.get(key) is not None and meta[key] != value:
+                raise CheckpointError(path, f"meta.{key} is {meta[key]!r} but its model has "
+                                            f"{value!r}")
+        return cls(speakers=[str(s) for s in meta.get("speakers") or []],
+                   features=dict(meta["features"]) if meta.get("features") else None,
+                   stats=meta.get("stats"), manifest=meta.get("manifest"),
+                   valid_manifest=meta.get("valid_manifest"), **own)
 
 
 def load_checkpoint(

@@ -19,13 +19,14 @@ import torch
 from torch import Tensor
 
 from speechvq.audio import load_audio, save_audio
+from speechvq.checkpoint import VQVAEMeta
 from speechvq.features import FeatureStats, FrontEnd, UtteranceState, stats_for_rows
 from speechvq.files import safe_name
 from speechvq.nn.prior import Prior
 from speechvq.prior import sample_units
 from speechvq.report import Clip, Row
 from speechvq.vocoder import griffin_lim
-from speechvq.vqvae import load_vqvae
+from speechvq.vqvae import VQVAE, load_vqvae
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +38,28 @@ class Synthesizer:
     ``momentum``) for mel models; wave models output audio directly.
     """
 
-    def __init__(self, vqvae: torch.nn.Module, meta: Mapping[str, Any],
-                 vocoder: Mapping[str, Any] | None = None, source: str = "the VQ-VAE checkpoint"
-                 ) -> None:
+    def __init__(self, vqvae: VQVAE, meta: VQVAEMeta, vocoder: Mapping[str, Any] | None = None,
+                 source: str = "the VQ-VAE checkpoint") -> None:
         self.vqvae = vqvae.eval()
-        self.meta = dict(meta)
+        self.meta = meta
         self.source = source
         self.vocoder = dict(vocoder or {})
-        self.speakers: list[str] = [str(s) for s in self.meta.get("speakers", [])]
-        self.features: dict[str, Any] = dict(self.meta.get("features") or {})
-        self.normalize: str = str(self.features.get("normalize", "speaker"))
-        stats = self.meta.get("stats")
-        self.stats = FeatureStats.from_dict(stats, path=source) if stats else None
+        self.speakers: list[str] = list(meta.speakers)
+        self.features: dict[str, Any] = dict(meta.features or {})
+        self.stats = FeatureStats.from_dict(meta.stats, path=source) if meta.stats else None
+        self.front: FrontEnd | None = None
         if vqvae.kind == "mel":
             if not self.features:
                 raise KeyError(f"{source}: meta lacks 'features' (the mel front-end config)")
-            if self.stats is None and self.normalize != "none":
-                raise KeyError(f"{source}: meta lacks 'stats' needed to undo "
-                               f"{self.normalize!r} normalisation")
-        self.sample_rate = int(self.features.get("sample_rate", getattr(vqvae, "sample_rate",
-                                                                         16000)))
+            mode = self.features.get("normalize")
+            if self.stats is None and mode != "none":
+                raise KeyError(f"{source}: meta lacks 'stats' needed to undo {mode!r} "
+                               "normalisation")
+            self.front = FrontEnd(self.features, self.stats)
+        self.sample_rate = int(meta.sample_rate)
         self.frame_rate = float(vqvae.frame_rate)
         self.n_codes = int(vqvae.n_codes)
         self.samples_per_unit = int(vqvae.samples_per_unit)
-        self.front = FrontEnd(self.features, self.stats) if vqvae.kind == "mel" else None
 
     def add_speakers(self, rows: Sequence[Any], stats_json: str | Path | None = None,
                      progress: bool = False) -> None:
@@ -110,7 +109,7 @@ class Synthesizer:
     def encode_with_state(self, wav: Tensor, speaker: str | None = None
                           ) -> tuple[Tensor, UtteranceState | None]:
         """:meth:`encode`, also returning the utterance's front-end state (for :meth:`decode`)."""
-        # Cut to whole units first, as extraction (speechvq.units.ModelInput) and the datasets
+        # Cut to whole units first, as extraction (speechvq.extract.ModelInput) and the datasets
         # do: the utterance's level and statistics then match, and so do the units.
         wav = wav[: self.num_units(wav.numel()) * self.samples_per_unit].float()
         state = None

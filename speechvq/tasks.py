@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from speechvq.checkpoint import VQVAEMeta
 from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
 from speechvq.features import FeatureStats, FrontEnd, augment_mels, build_logmel, compute_stats
@@ -86,19 +87,18 @@ class VQVAETask:
                                      cache_audio=_cache_audio(data.get("cache", False), train_rows))
         self.valid_set = (UtteranceDataset(valid_rows, self.speakers, self.stats, feats_cfg,
                                            sample_rate=sample_rate) if valid_rows else None)
-        self.meta = {
-            "kind": self.model.kind,
-            "speakers": list(self.speakers),
-            "stats": self.stats.to_dict() if self.stats is not None else None,
-            "features": dict(self.features),
-            "sample_rate": sample_rate,
-            "frame_rate": float(self.model.frame_rate),
-            "n_codes": int(self.model.n_codes),
-            "samples_per_unit": int(self.model.samples_per_unit),
-            "manifest": str(manifest.resolve()),
-            "valid_manifest": (str(Path(data["valid_manifest"]).resolve())
-                               if valid_rows else None),
-        }
+        self.meta = VQVAEMeta(
+            kind=self.model.kind,
+            speakers=list(self.speakers),
+            features=dict(self.features),
+            stats=self.stats.to_dict() if self.stats is not None else None,
+            sample_rate=sample_rate,
+            frame_rate=float(self.model.frame_rate),
+            n_codes=int(self.model.n_codes),
+            samples_per_unit=int(self.model.samples_per_unit),
+            manifest=str(manifest.resolve()),
+            valid_manifest=str(Path(data["valid_manifest"]).resolve()) if valid_rows else None,
+        ).to_dict()
         augment = data.get("augment") or {}
         self.augment = {"warp": float(augment.get("warp", 0.0)), "eq": float(augment.get("eq", 0.0))}
         self._media_seconds = float(data["media_seconds"])

@@ -28,8 +28,10 @@ Deduplicated units (``dedup=True``) collapse runs of the same unit; the run leng
 ``expand(values, durations)`` gives the frame-level units back exactly.
 
 A sidecar ``FILE.json`` describes a unit file (frame rate, codebook size, checkpoint and its hash,
-format, dedup, config, counts, rejected files). It is named after the unit file rather than a
-fixed ``units.json`` so that several unit files (splits, shards) can share a folder.
+format, dedup, config, counts, rejected files): :class:`Sidecar`, the one definition of its keys,
+read with :func:`read_sidecar` and written with :func:`write_sidecar`. It is named after the unit
+file rather than a fixed ``units.json`` so that several unit files (splits, shards) can share a
+folder.
 
 Shards: ``FILE.shard-<i>-of-<n>`` (+ their sidecars) are what ``speechvq-extract shard=i
 nshards=n`` writes; :func:`merge_shards` joins them into ``FILE``.
@@ -37,27 +39,18 @@ nshards=n`` writes; :func:`merge_shards` joins them into ``FILE``.
 
 from __future__ import annotations
 
-import logging
-import math
+import dataclasses
 import os
 import re
-import sys
-import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from speechvq.audio import AudioError, load_audio
-from speechvq.features import FeatureStats, FrontEnd
 from speechvq.files import atomic_write, read_json, write_json
-
-log = logging.getLogger(__name__)
 
 Units = dict[str, np.ndarray]
 
@@ -68,8 +61,6 @@ MAX_CJK_UNITS = CJK_LAST - CJK_BASE + 1  # 20992 CJK Unified Ideographs
 INT16_MAX = np.iinfo(np.int16).max
 KM_DICT = "dict.km.txt"
 _SHARD_RE = re.compile(r"\.shard-(\d+)-of-(\d+)$")
-# sidecar keys naming the exact files beside it (speechvq-extract writes them): not carried over
-_FILE_HASHES = ("units_hash", "durations_hash")
 _SUFFIX_FORMATS = {".npz": "npy", ".npy": "npy", ".km": "km", ".gslm": "gslm", ".kaldi": "kaldi"}
 
 
@@ -379,7 +370,7 @@ def _km_ids(path: Path, ids: Sequence[str] | None) -> Sequence[str] | None:
     if ids is not None:
         return ids
     meta = read_sidecar(path)
-    return meta.get("ids") if meta else None
+    return meta.ids if meta else None
 
 
 def read_units(
@@ -408,7 +399,7 @@ def read_units(
     durations = read_durations(path, fmt, ids=ids)
     if durations is None:
         meta = read_sidecar(path)
-        if meta and meta.get("dedup"):
+        if meta and meta.dedup:
             raise FileNotFoundError(
                 f"{durations_path(path)}: missing; {path} holds deduplicated units and cannot be "
                 "expanded to frames without it"
@@ -438,17 +429,82 @@ def read_durations(
 # sidecars, conversion, shards
 
 
-def read_sidecar(path: str | os.PathLike) -> dict | None:
-    """The sidecar ``FILE.json`` of a unit file as a dict, or None when there is none."""
+@dataclass
+class Sidecar:
+    """The sidecar ``FILE.json`` of a unit file: what the units are and where they came from.
+
+    ``speechvq-extract`` fills every field; a converted or merged file keeps its source's. Keys
+    this version does not know are kept in ``extra`` and written back unchanged.
+    """
+
+    format: str | None = None  # gslm | kaldi | npy | espnet | km
+    dedup: bool = False
+    frame_rate: float | None = None  # unit frames per second: frame i is centred at (i + 0.5) / it
+    n_codes: int | None = None  # codebook size
+    model_kind: str | None = None  # "mel" | "wave"
+    checkpoint: str | None = None  # the VQ-VAE checkpoint (absolute path) and its file hash
+    checkpoint_hash: str | None = None
+    manifest: str | None = None  # the manifest (absolute path) and its file hash
+    manifest_hash: str | None = None
+    shard: int | None = None  # this file's shard of nshards (None: merged or whole)
+    nshards: int | None = None
+    signature: dict | None = None  # what makes a re-run "already done" (speechvq.extract)
+    features: dict | None = None  # the front-end config the units were made with
+    normalization: dict | None = None  # where the normalisation statistics came from
+    chunking: dict | None = None
+    counts: dict = field(default_factory=dict)  # utterances, frames, seconds, rejected
+    rejected: list = field(default_factory=list)  # {"id", "path", "reason"} per skipped file
+    device: str | None = None
+    wall_seconds: float | None = None
+    realtime_factor: float | None = None
+    created: str | None = None
+    config: dict | None = None  # the full resolved config of the run
+    units_hash: str | None = None  # the files beside this sidecar (None: not recorded)
+    durations_hash: str | None = None
+    ids: list | None = None  # km format: the utterance ids in line order
+    merged_from: list | None = None  # merged shards' file names
+    extra: dict = field(default_factory=dict)
+
+    #: fields that describe the exact files beside a sidecar: never carried over to another file
+    FILE_FIELDS = ("units_hash", "durations_hash", "ids")
+
+    def to_dict(self) -> dict:
+        """Plain JSON data; ``ids`` and ``merged_from`` only when set, unknown keys kept."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        for key in ("ids", "merged_from"):
+            if out[key] is None:
+                del out[key]
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str | os.PathLike = "sidecar") -> Sidecar:
+        """The sidecar in ``data``; ValueError naming ``path`` when it is not one."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: not a unit-file sidecar (a JSON object)")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        given = {k: v for k, v in data.items() if k in known}
+        return cls(**given, extra={k: v for k, v in data.items() if k not in known})
+
+    def for_other_file(self, **changes: Any) -> Sidecar:
+        """A copy for another file made from the same units (converted, merged): without the
+        fields that describe this file's bytes, with ``changes`` applied."""
+        clear = dict.fromkeys(self.FILE_FIELDS)
+        return dataclasses.replace(self, **{**clear, **changes}, extra=dict(self.extra))
+
+
+def read_sidecar(path: str | os.PathLike) -> Sidecar | None:
+    """The sidecar ``FILE.json`` of the unit file ``path``, or None when there is none."""
     spath = sidecar_path(path)
     if not spath.exists():
         return None
-    return read_json(spath)
+    return Sidecar.from_dict(read_json(spath), spath)
 
 
-def write_sidecar(path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+def write_sidecar(path: str | os.PathLike, sidecar: Sidecar | Mapping[str, Any]) -> None:
     """Write the sidecar ``FILE.json`` of the unit file ``path``, atomically."""
-    write_json(sidecar_path(path), meta)
+    if not isinstance(sidecar, Sidecar):
+        sidecar = Sidecar.from_dict(sidecar, sidecar_path(path))
+    write_json(sidecar_path(path), sidecar.to_dict())
 
 
 def convert_units(
@@ -467,18 +523,16 @@ def convert_units(
     fmt = src_format or infer_format(src)
     units = read_units(src, fmt, ids=ids)
     durations = read_durations(src, fmt, ids=ids)
-    meta = dict(read_sidecar(src) or {})
-    write_units(dst, units, format, durations=durations, n_codes=meta.get("n_codes"))
-    if meta or format == "km":
-        meta.update(format=format, dedup=durations is not None)
-        for key in ("ids", *_FILE_HASHES):  # the source's files, not these
-            meta.pop(key, None)
-        if format == "km":
-            meta["ids"] = list(units)
+    meta = read_sidecar(src)
+    write_units(dst, units, format, durations=durations, n_codes=meta.n_codes if meta else None)
+    if meta is not None or format == "km":
+        meta = (meta or Sidecar(format)).for_other_file(
+            format=format, dedup=durations is not None,
+            ids=list(units) if format == "km" else None)
         write_sidecar(dst, meta)
 
 
-def merge_shards(path: str | os.PathLike, nshards: int, remove: bool = False) -> dict:
+def merge_shards(path: str | os.PathLike, nshards: int, remove: bool = False) -> Sidecar:
     """Join ``FILE.shard-<i>-of-<nshards>`` (i = 0..n-1) into ``FILE`` (+ durations, sidecar).
 
     Shards hold consecutive blocks of the manifest, so joining them in shard order gives manifest
@@ -491,18 +545,18 @@ def merge_shards(path: str | os.PathLike, nshards: int, remove: bool = False) ->
     missing = [str(p) for p in shards if not p.exists() or not sidecar_path(p).exists()]
     if missing:
         raise FileNotFoundError(f"cannot merge {path}: missing shard(s) {', '.join(missing)}")
-    metas = [read_sidecar(p) or {} for p in shards]
+    metas = [read_sidecar(p) for p in shards]
     keys = ("format", "dedup", "checkpoint_hash", "frame_rate", "n_codes", "manifest_hash")
     for p, meta in zip(shards[1:], metas[1:], strict=True):
         for key in keys:
-            if meta.get(key) != metas[0].get(key):
+            if getattr(meta, key) != getattr(metas[0], key):
                 raise ValueError(
-                    f"cannot merge {path}: {sidecar_path(p)} has {key}={meta.get(key)!r} but "
-                    f"{sidecar_path(shards[0])} has {metas[0].get(key)!r}"
+                    f"cannot merge {path}: {sidecar_path(p)} has {key}={getattr(meta, key)!r} "
+                    f"but {sidecar_path(shards[0])} has {getattr(metas[0], key)!r}"
                 )
-    fmt = metas[0]["format"]
+    fmt = metas[0].format
     units: Units = {}
-    durations: Units | None = {} if metas[0].get("dedup") else None
+    durations: Units | None = {} if metas[0].dedup else None
     for p in shards:
         part = read_units(p, fmt)
         clash = set(part) & set(units)
@@ -514,381 +568,18 @@ def merge_shards(path: str | os.PathLike, nshards: int, remove: bool = False) ->
             if part_d is None:
                 raise FileNotFoundError(f"{durations_path(p)}: missing")
             durations.update(part_d)
-    write_units(path, units, fmt, durations=durations, n_codes=metas[0].get("n_codes"))
-    merged = dict(metas[0])
-    merged.update(shard=None, nshards=nshards, merged_from=[p.name for p in shards])
-    merged["rejected"] = [r for m in metas for r in m.get("rejected", [])]
+    write_units(path, units, fmt, durations=durations, n_codes=metas[0].n_codes)
     counts: dict[str, float] = {}
     for m in metas:
-        for key, value in (m.get("counts") or {}).items():
+        for key, value in m.counts.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 counts[key] = counts.get(key, 0) + value
-    merged["counts"] = counts
-    for key in ("ids", *_FILE_HASHES):  # shard 0's files, not the merged ones
-        merged.pop(key, None)
-    if fmt == "km":
-        merged["ids"] = list(units)
+    merged = metas[0].for_other_file(  # shard 0's description, for the merged files
+        shard=None, nshards=nshards, merged_from=[p.name for p in shards], counts=counts,
+        rejected=[r for m in metas for r in m.rejected], ids=list(units) if fmt == "km" else None)
     write_sidecar(path, merged)
     if remove:
         for p in shards:
             for f in (p, durations_path(p), sidecar_path(p)):
                 f.unlink(missing_ok=True)
     return merged
-
-
-# --------------------------------------------------------------------------------------------
-# extraction: whole utterances -> frame-level units, chunked and batched, yet exactly the units
-# of each utterance encoded whole on its own.
-#
-# Why this is exact: a stack of convolutions (with per-frame norms and activations) makes output
-# unit j depend only on inputs within its receptive field. An utterance is cut into windows of
-# `chunk` units plus `context` units of input on each side, with context >= the receptive field
-# in units; only each window's centre is kept, so the cut never reaches a kept unit. Batching pads
-# windows on the right with zeros; that padding only reaches the last `context` units of a
-# window, so a window that ends at the utterance's end keeps all but its last `context` units and
-# those come from a "tail" window of exactly 2 * context units, batched only with windows of the
-# same length (no padding at all).
-
-
-def receptive_field(encoder: nn.Module) -> tuple[int, int]:
-    """``(rf, stride)`` of a 1-D conv encoder, both in input frames (mel frames or samples).
-
-    ``rf`` is an upper bound on how many consecutive input frames one output frame can see: the
-    Conv1d / pooling layers are walked in registration order and their widths added (a residual
-    branch adds its width, the identity path nothing). ``stride`` is the product of the strides:
-    input frames per output unit. Raises ValueError for a layer that mixes the whole sequence
-    (recurrent, attention, GroupNorm / InstanceNorm over time): chunked encoding cannot be exact.
-    """
-    rf, stride = 1, 1
-    for module in encoder.modules():
-        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.GroupNorm, nn.InstanceNorm1d)):
-            raise ValueError(
-                f"encoder layer {type(module).__name__} sees the whole sequence: chunked "
-                "extraction could change the units"
-            )
-        if isinstance(module, nn.Conv1d):
-            k, s, d = module.kernel_size[0], module.stride[0], module.dilation[0]
-        elif isinstance(module, (nn.AvgPool1d, nn.MaxPool1d)):
-            k, s, d = _int(module.kernel_size), _int(module.stride), _int(
-                getattr(module, "dilation", 1)
-            )
-        else:
-            continue
-        rf += (k - 1) * d * stride
-        stride *= s
-    return rf, stride
-
-
-def measured_receptive_field(encoder: nn.Module, input_shape: Sequence[int], length: int) -> int:
-    """The receptive field of the centre output frame, measured: the span of input frames with a
-    non-zero gradient, for a random input ``(1, *input_shape, length)`` (input frames).
-
-    A check on :func:`receptive_field`, which trusts that layers are registered in the order they
-    run; the larger of the two is used.
-    """
-    gen = torch.Generator().manual_seed(0)
-    param = next(encoder.parameters())
-    x = torch.randn((1, *input_shape, length), generator=gen).to(param)
-    x.requires_grad_(True)
-    with torch.enable_grad():
-        z = encoder(x)
-        (grad,) = torch.autograd.grad(z[..., z.shape[-1] // 2].sum(), x)
-    nonzero = torch.nonzero(grad.reshape(-1, length).abs().sum(0)).flatten()
-    return int(nonzero[-1] - nonzero[0] + 1) if nonzero.numel() else 1
-
-
-def _int(value: int | Sequence[int]) -> int:
-    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
-
-
-def plan_chunks(
-    n_units: int, chunk_units: int, context_units: int
-) -> list[tuple[int, int, int, int, bool]]:
-    """Windows that cover ``n_units`` units: ``(start, stop, keep_start, keep_stop, pad_ok)``.
-
-    Window ``[start, stop)`` is encoded and units ``[keep_start, keep_stop)`` of it are kept; the
-    kept ranges tile ``[0, n_units)`` in order. ``pad_ok``: the window may be right-padded inside a
-    batch (its kept units are at least ``context_units`` from its end, or it ends nowhere near
-    the utterance's end); other windows are batched only with windows of their exact length.
-    """
-    if chunk_units < 1 or context_units < 0:
-        raise ValueError(f"bad chunking: chunk {chunk_units} units, context {context_units}")
-    c = context_units
-    plan = []
-    for keep_start in range(0, n_units, chunk_units):
-        keep_stop = min(n_units, keep_start + chunk_units)
-        start = max(0, keep_start - c)
-        if keep_stop + c < n_units:
-            plan.append((start, keep_stop + c, keep_start, keep_stop, True))
-            continue
-        # the last window: it reaches the end, so it keeps everything up to the end
-        stop = n_units
-        if c == 0 or stop - start <= 2 * c:
-            plan.append((start, stop, keep_start, stop, False))
-        else:
-            plan.append((start, stop, keep_start, stop - c, True))
-            plan.append((stop - 2 * c, stop, stop - c, stop, False))
-        break
-    return plan
-
-
-@dataclass(frozen=True)
-class _Piece:
-    item: int
-    start: int
-    stop: int
-    keep_start: int
-    keep_stop: int
-    pad_ok: bool
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
-
-
-def _batch_pieces(pieces: Sequence[_Piece], max_units: int) -> list[list[_Piece]]:
-    """Length-sorted batches whose padded size (batch x longest) stays within ``max_units``."""
-    batches: list[list[_Piece]] = []
-    current: list[_Piece] = []
-    for piece in sorted((p for p in pieces if p.pad_ok), key=lambda p: -p.length):
-        if current and current[0].length * (len(current) + 1) > max_units:
-            batches.append(current)
-            current = []
-        current.append(piece)
-    if current:
-        batches.append(current)
-    same_length: dict[int, list[_Piece]] = {}
-    for piece in pieces:
-        if not piece.pad_ok:
-            same_length.setdefault(piece.length, []).append(piece)
-    for length, group in sorted(same_length.items()):
-        per_batch = max(1, max_units // length)
-        batches.extend(group[i : i + per_batch] for i in range(0, len(group), per_batch))
-    return batches
-
-
-class ChunkedEncoder:
-    """Encode whole utterances to units in bounded memory, batched, with exact results.
-
-    ``model`` has ``encoder`` (a conv stack), ``encode(x) -> (B, U)`` and ``frame_rate``.
-    Inputs are whole-utterance model inputs whose last axis is time: normalised log-mels
-    ``(n_mels, F)`` (mel model) or waveforms ``(T,)`` (wave model), a whole number of units long.
-
-    Args:
-        chunk_seconds: units kept per window (bounds the encoder's activation memory).
-        context_seconds: input context on each side of a window; ``None`` (default) derives it
-            from the encoder's receptive field (``ceil(rf / stride) + 1`` units), which makes the
-            units independent of the chunking. A smaller value is used as given, with a warning.
-        max_batch_seconds: padded audio per encoder call.
-        device: where the model runs (it is moved there).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        chunk_seconds: float = 30.0,
-        context_seconds: float | None = None,
-        max_batch_seconds: float = 60.0,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.frame_rate = float(model.frame_rate)
-        self.receptive_field, self.stride = receptive_field(model.encoder)
-        first = next(m for m in model.encoder.modules() if isinstance(m, nn.Conv1d))
-        shape = () if getattr(model, "kind", "mel") == "wave" else (first.in_channels,)
-        length = max(4 * self.receptive_field, 64 * self.stride) // self.stride * self.stride
-        measured = measured_receptive_field(model.encoder, shape, length)
-        self.receptive_field = max(self.receptive_field, measured)
-        needed = math.ceil(self.receptive_field / self.stride) + 1
-        if context_seconds is None:
-            self.context = needed
-        else:
-            self.context = math.ceil(context_seconds * self.frame_rate)
-            if self.context < needed:
-                log.warning(
-                    "context %d units is less than the encoder's receptive field (%d units): "
-                    "units near chunk borders may differ from whole-file encoding",
-                    self.context,
-                    needed,
-                )
-        self.chunk = max(1, round(chunk_seconds * self.frame_rate))
-        self.max_units = max(round(max_batch_seconds * self.frame_rate), self.chunk + 2 * self.context)
-
-    def n_units(self, x: torch.Tensor) -> int:
-        """Units an input of this shape yields (``x.shape[-1] // stride``)."""
-        return x.shape[-1] // self.stride
-
-    @torch.no_grad()
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """``inputs``: whole-utterance inputs -> their units, ``(U_i,)`` int16 each."""
-        pieces = [
-            _Piece(i, *window)
-            for i, x in enumerate(inputs)
-            for window in plan_chunks(self.n_units(x), self.chunk, self.context)
-        ]
-        outputs = [np.empty(self.n_units(x), dtype=np.int16) for x in inputs]
-        for batch in _batch_pieces(pieces, self.max_units):
-            longest = batch[0].length if batch[0].pad_ok else max(p.length for p in batch)
-            first = inputs[batch[0].item]
-            x = first.new_zeros((len(batch), *first.shape[:-1], longest * self.stride))
-            for b, p in enumerate(batch):
-                x[b, ..., : p.length * self.stride] = inputs[p.item][
-                    ..., p.start * self.stride : p.stop * self.stride
-                ]
-            codes = self.model.encode(x.to(self.device, non_blocking=True)).cpu().numpy()
-            for b, p in enumerate(batch):
-                lo, hi = p.keep_start - p.start, p.keep_stop - p.start
-                outputs[p.item][p.keep_start : p.keep_stop] = codes[b, lo:hi]
-        return outputs
-
-
-class ModelInput:
-    """Manifest row -> the model's input for the whole utterance, as training prepared it.
-
-    The waveform is cut to whole units (``T // samples_per_unit`` units, as
-    :class:`speechvq.data.dataset.UtteranceDataset` does). Mel model: the one front-end,
-    :class:`speechvq.features.FrontEnd` with ``stats``, ``(n_mels, 2U)``; wave model: ``(320 U,)``.
-    Raises :class:`speechvq.audio.AudioError` for unreadable audio or audio shorter than a unit.
-    Picklable, so DataLoader workers can run it.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        samples_per_unit: int,
-        sample_rate: int,
-        features_cfg: Mapping | None = None,
-        stats: FeatureStats | None = None,
-        chunk_seconds: float = 30.0,
-    ) -> None:
-        self.kind = kind
-        self.samples_per_unit = int(samples_per_unit)
-        self.sample_rate = int(sample_rate)
-        self.front: FrontEnd | None = None
-        if kind == "mel":
-            if features_cfg is None:
-                raise ValueError("the mel model needs its features config")
-            self.front = FrontEnd(features_cfg, stats, chunk_seconds=chunk_seconds)
-
-    def __call__(self, path: str, speaker: str) -> torch.Tensor:
-        wav = load_audio(path, self.sample_rate)
-        n = wav.numel() // self.samples_per_unit * self.samples_per_unit
-        if n == 0:
-            raise AudioError(path, f"shorter than one unit ({self.samples_per_unit} samples)")
-        wav = wav[:n]
-        if self.front is None:
-            return wav.clone()
-        return self.front(wav, speaker)
-
-
-class _Inputs(torch.utils.data.Dataset):
-    """Row index -> ``(index, input or None, error or None)``: a bad file is a result, not a crash."""
-
-    def __init__(self, rows: Sequence[Any], make_input: Callable[[str, str], torch.Tensor]) -> None:
-        self.rows = rows
-        self.make_input = make_input
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        row = self.rows[index]
-        try:
-            return index, self.make_input(row.path, row.speaker), None
-        except AudioError as err:
-            return index, None, err.problem
-
-
-@dataclass
-class Extraction:
-    """What :func:`extract_units` produced: frame-level ``units`` in row order, the ``rejected``
-    rows (``{"id", "path", "reason"}``), seconds of audio encoded and wall-clock seconds."""
-
-    units: Units
-    rejected: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    wall_seconds: float = 0.0
-
-    @property
-    def realtime_factor(self) -> float:
-        """Seconds of audio per second of wall-clock time."""
-        return self.seconds / max(self.wall_seconds, 1e-9)
-
-
-def iter_units(
-    rows: Sequence[Any],
-    make_input: Callable[[str, str], torch.Tensor],
-    encoder: ChunkedEncoder,
-    num_workers: int = 0,
-    group_seconds: float | None = None,
-    progress: bool = True,
-) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-    """Yield ``(row index, units (U,) int16 or None, error or None)`` for every row, longest first.
-
-    Rows (``.path``, ``.speaker``, ``.num_samples``) are loaded by ``num_workers`` DataLoader
-    workers in order of decreasing length and encoded in groups of about ``group_seconds`` of
-    audio (default: four batches' worth), so padding stays small and memory bounded.
-    """
-    from tqdm import tqdm
-
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i].num_samples, i))
-    loader = torch.utils.data.DataLoader(
-        _Inputs(rows, make_input),
-        batch_size=None,
-        sampler=order,
-        num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,  # hour-long inputs: keep few in flight
-    )
-    group_units = (group_seconds * encoder.frame_rate) if group_seconds else 4 * encoder.max_units
-    bar = tqdm(total=len(rows), unit="utt", desc="extract", disable=not progress, file=sys.stderr)
-    group: list[tuple[int, torch.Tensor]] = []
-    size = 0
-
-    def flush() -> Iterator[tuple[int, np.ndarray, None]]:
-        outputs = encoder([x for _, x in group])
-        for (index, _), units in zip(group, outputs, strict=True):
-            bar.update()
-            yield index, units, None
-
-    try:
-        for index, x, error in loader:
-            if error is not None:
-                bar.update()
-                yield index, None, error
-                continue
-            group.append((index, x))
-            size += encoder.n_units(x)
-            if size >= group_units:
-                yield from flush()
-                group, size = [], 0
-        if group:
-            yield from flush()
-    finally:
-        bar.close()
-
-
-def extract_units(
-    rows: Sequence[Any],
-    make_input: Callable[[str, str], torch.Tensor],
-    encoder: ChunkedEncoder,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> Extraction:
-    """Units for every row (``.id``, ``.path``, ``.speaker``, ``.num_samples``; manifest rows).
-
-    Unreadable files are logged, listed in ``rejected`` and skipped. Returns units in row order.
-    """
-    start = time.perf_counter()
-    found: dict[int, np.ndarray] = {}
-    rejected = []
-    for index, units, error in iter_units(rows, make_input, encoder, num_workers, progress=progress):
-        if units is None:
-            row = rows[index]
-            log.warning("skipping %s: %s", row.path, error)
-            rejected.append({"id": row.id, "path": str(row.path), "reason": error})
-        else:
-            found[index] = units
-    ordered = {rows[i].id: found[i] for i in sorted(found)}
-    frames = sum(len(u) for u in ordered.values())
-    return Extraction(ordered, rejected, frames / encoder.frame_rate, time.perf_counter() - start)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from speechvq.checkpoint import load_checkpoint, load_model_state
+from speechvq.checkpoint import VQVAEMeta, load_checkpoint, load_model_state
 from speechvq.nn.cpc import CPCHead
 from speechvq.nn.decoder import MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
 from speechvq.nn.encoder import MelEncoder, WaveEncoder
@@ -197,11 +197,11 @@ def _plain(cfg: Any) -> Any:
 
 def load_vqvae(
     path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[VQVAE, dict[str, Any]]:
+) -> tuple[VQVAE, VQVAEMeta]:
     """Rebuild a trained VQ-VAE from a checkpoint alone; returns (model in eval mode, meta).
 
-    ``meta`` is the checkpoint's ``"meta"`` dict (speakers, stats, features config, frame_rate,
-    n_codes, ...).
+    ``meta`` is the checkpoint's :class:`speechvq.checkpoint.VQVAEMeta` (speakers, statistics,
+    features config, frame geometry, ...).
     """
     ckpt = load_checkpoint(
         path,
@@ -212,7 +212,7 @@ def load_vqvae(
     cfg = ckpt["model_config"]
     model = build_vqvae(cfg["model"], cfg["quantizer"], int(cfg["n_speakers"]))
     load_model_state(model, ckpt, path)
-    return model.to(map_location).eval(), dict(ckpt["meta"] or {})
+    return model.to(map_location).eval(), VQVAEMeta.from_dict(ckpt["meta"] or {}, model, path)
 
 
 __all__ = ["VQVAE", "build_vqvae", "load_vqvae", "LOSS_NAMES", "STAT_NAMES"]

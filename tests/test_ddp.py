@@ -60,7 +60,7 @@ def test_torchrun_two_ranks_gloo(tmp_path: Path) -> None:
     assert len(ckpt["replicas"]) == 2 and len(set(ckpt["replicas"])) == 1
     model, meta = load_vqvae(out / "checkpoints" / "last.pt")
     assert replica_checksum(model) == ckpt["replicas"][0]
-    assert bool(model.quantizer.inited) and meta["speakers"] == ["ann", "bob", "cid"]
+    assert bool(model.quantizer.inited) and meta.speakers == ["ann", "bob", "cid"]
     # one TensorBoard writer (rank 0) and no per-rank hydra folders
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in out.iterdir()) == [

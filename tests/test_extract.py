@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from speechvq import extract as E
 from speechvq import units as U
 from speechvq.audio import load_audio, save_audio
 from speechvq.checkpoint import save_checkpoint
@@ -135,7 +136,7 @@ def _reference_units(corpus) -> dict[str, np.ndarray]:
         wav = load_audio(r.path)
         wav = wav[: len(wav) // 320 * 320]
         s = carol if r.speaker == "carol" else stats
-        feats = FrontEnd(meta["features"], s)(wav, r.speaker)
+        feats = FrontEnd(meta.features, s)(wav, r.speaker)
         out[r.id] = model.encode(feats[None])[0].numpy()
     return out
 
@@ -266,7 +267,7 @@ def test_long_file_in_chunks_equals_whole_file(tmp_path, kind):
     stats = FeatureStats(features, _moments(feats), {})
     ckpt = _tiny_vqvae(tmp_path / "m.pt", kind, stats, [wav[: 5 * SR]])
     model, _ = load_vqvae(ckpt)
-    make_input = U.ModelInput(kind, model.samples_per_unit, SR, features | {"normalize": "global"},
+    make_input = E.ModelInput(kind, model.samples_per_unit, SR, features | {"normalize": "global"},
                               stats, chunk_seconds=3.0)
     path = tmp_path / "long.wav"
     save_audio(path, wav.numpy(), SR)
@@ -279,12 +280,12 @@ def test_long_file_in_chunks_equals_whole_file(tmp_path, kind):
     else:
         whole_x = wav16
     whole = model.encode(whole_x[None])[0].numpy()
-    encoder = U.ChunkedEncoder(model, chunk_seconds=3.0, max_batch_seconds=8.0)
+    encoder = E.ChunkedEncoder(model, chunk_seconds=3.0, max_batch_seconds=8.0)
     assert encoder.context >= encoder.receptive_field / encoder.stride
     short = x[..., : 37 * encoder.stride]  # batched with the long file's windows
     chunked, alone = encoder([x, short])
     assert len(chunked) == len(whole) == 2000
-    assert len(U.plan_chunks(len(whole), encoder.chunk, encoder.context)) >= 13
+    assert len(E.plan_chunks(len(whole), encoder.chunk, encoder.context)) >= 13
     assert np.array_equal(alone, model.encode(short[None])[0].numpy())
     assert len(np.unique(whole)) > 3
     # Exact up to float rounding: convolutions over windows round differently (~1e-7) from one
@@ -307,11 +308,11 @@ def _moments(feats: torch.Tensor) -> Moments:
 def test_batching_never_changes_units(corpus):
     """Utterances encoded together (padded batches) = each encoded alone."""
     model, meta = load_vqvae(corpus["ckpt"])
-    make_input = U.ModelInput("mel", 320, SR, meta["features"] | {"normalize": "global"},
+    make_input = E.ModelInput("mel", 320, SR, meta.features | {"normalize": "global"},
                               corpus["stats"])
     xs = [make_input(r.path, r.speaker) for r in read_manifest(corpus["manifest"])
           if r.id != "broken"]
-    together = U.ChunkedEncoder(model, chunk_seconds=30.0, max_batch_seconds=100.0)(xs)
+    together = E.ChunkedEncoder(model, chunk_seconds=30.0, max_batch_seconds=100.0)(xs)
     for x, units in zip(xs, together, strict=True):
         assert np.array_equal(units, model.encode(x[None])[0].numpy())
 
@@ -319,6 +320,22 @@ def test_batching_never_changes_units(corpus):
 def test_receptive_field_matches_measurement():
     cfg = _tiny_config("mel")
     model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=1)
-    rf, stride = U.receptive_field(model.encoder)
+    rf, stride = E.receptive_field(model.encoder)
     assert stride == 2
-    assert rf == U.measured_receptive_field(model.encoder, (80,), 200)
+    assert rf == E.measured_receptive_field(model.encoder, (80,), 200)
+
+
+@pytest.mark.parametrize("n,chunk,context", [(1, 5, 3), (7, 5, 3), (100, 7, 3), (13, 100, 4),
+                                             (50, 10, 0), (9, 3, 4)])
+def test_chunk_plan_tiles_and_keeps_context(n, chunk, context):
+    plan = E.plan_chunks(n, chunk, context)
+    kept = [k for _, _, a, b, _ in plan for k in range(a, b)]
+    assert kept == list(range(n))
+    for start, stop, a, b, pad_ok in plan:
+        assert start <= a < b <= stop <= n
+        assert a - start >= min(context, a)  # left context unless at the start
+        assert stop - b >= context or stop == n  # right context unless at the end
+        if pad_ok:  # right padding only ever reaches frames past `context` before the end
+            assert stop - b >= context
+        else:
+            assert stop == n

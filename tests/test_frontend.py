@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from speechvq.audio import load_audio
 from speechvq.data.dataset import UtteranceDataset
 from speechvq.data.manifest import ManifestRow, write_manifest
+from speechvq.extract import ChunkedEncoder, ModelInput, extract_units
 from speechvq.features import (
     STD_FLOOR,
     Z_MAX,
@@ -29,7 +30,6 @@ from speechvq.features import (
 from speechvq.synthesis import Synthesizer
 from speechvq.tasks import VQVAETask
 from speechvq.training import fit
-from speechvq.units import ChunkedEncoder, ModelInput, extract_units
 from speechvq.vqvae import load_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,12 +98,12 @@ def trained(tmp_path_factory) -> dict:
 
 def test_training_extraction_and_resynthesis_inputs_are_identical(trained):
     model, meta = load_vqvae(trained["ckpt"])
-    features = meta["features"]
+    features = meta.features
     synth = Synthesizer(model, meta)
     # a speaker the model was trained on
     known = trained["rows"][:3]
-    stats, _ = stats_for_rows(features, meta["stats"], known)
-    dataset = UtteranceDataset(known, meta["speakers"], stats, features)
+    stats, _ = stats_for_rows(features, meta.stats, known)
+    dataset = UtteranceDataset(known, meta.speakers, stats, features)
     extraction = ModelInput("mel", 320, SR, features, stats)
     for i, row in enumerate(known):
         wav = load_audio(row.path)
@@ -115,8 +115,8 @@ def test_training_extraction_and_resynthesis_inputs_are_identical(trained):
     # a speaker the model never saw: extraction and resynthesis use its own statistics, the same
     unseen = _mini_rows("test", 3)
     unseen = [r for r in unseen if r.speaker == "1004"]
-    assert unseen and "1004" not in meta["speakers"]
-    stats, info = stats_for_rows(features, meta["stats"], unseen)
+    assert unseen and "1004" not in meta.speakers
+    stats, info = stats_for_rows(features, meta.stats, unseen)
     assert info["speakers_computed"] == 1
     extraction = ModelInput("mel", 320, SR, features, stats)
     synth.add_speakers(unseen)
@@ -139,8 +139,8 @@ def test_a_gain_of_001_keeps_the_units(trained):
     encoder = ChunkedEncoder(model)
     units = {}
     for name, subset in (("normal", rows), ("quiet", quiet), ("loud", loud)):
-        stats, _ = stats_for_rows(meta["features"], meta["stats"], subset)
-        make_input = ModelInput("mel", 320, SR, meta["features"], stats)
+        stats, _ = stats_for_rows(meta.features, meta.stats, subset)
+        make_input = ModelInput("mel", 320, SR, meta.features, stats)
         units[name] = extract_units(subset, make_input, encoder, progress=False).units
     frames = sum(len(u) for u in units["normal"].values())
     assert frames > 500 and len(np.unique(np.concatenate(list(units["normal"].values())))) > 8

@@ -406,10 +406,10 @@ def test_vqvae_task_exact_resume_and_meta(tmp_path: Path, corpus) -> None:
     # stats.json was absent: computed (and saved); meta rebuilds everything
     assert (tmp_path / "stats.json").exists()
     model, meta = load_vqvae(split)
-    assert meta["speakers"] == ["ann", "bob", "cid"] and meta["kind"] == "mel"
-    assert meta["n_codes"] == 16 and meta["frame_rate"] == 50.0
-    assert meta["features"]["n_mels"] == 80 and meta["features"]["normalize"] == "speaker"
-    assert set(meta["stats"]["speakers"]) == {"ann", "bob", "cid"}  # valid-only speaker added
+    assert meta.speakers == ["ann", "bob", "cid"] and meta.kind == "mel"
+    assert meta.n_codes == 16 and meta.frame_rate == 50.0
+    assert meta.features["n_mels"] == 80 and meta.features["normalize"] == "speaker"
+    assert set(meta.stats["speakers"]) == {"ann", "bob", "cid"}  # valid-only speaker added
     assert bool(model.quantizer.inited)
     ckpt = load_checkpoint(split, kind="vqvae")
     assert ckpt["config"]["data"]["manifest"] == str(train) and ckpt["step"] == 6

@@ -253,8 +253,8 @@ def test_merge_shards(tmp_path, fmt, dedup):
     assert _same(U.read_units(out, expand=True), units)
     if fmt in ("gslm", "npy", "km"):
         assert list(U.read_units(out)) == ids  # shard order = manifest order
-    assert merged["counts"] == {"utterances": len(ids), "frames": 21}
-    assert [r["id"] for r in merged["rejected"]] == ["bad0", "bad1", "bad2"]
+    assert merged.counts == {"utterances": len(ids), "frames": 21}
+    assert [r["id"] for r in merged.rejected] == ["bad0", "bad1", "bad2"]
     assert json.loads(U.sidecar_path(out).read_text())["nshards"] == 3
     assert not list(tmp_path.glob("*shard*"))
 
@@ -268,25 +268,6 @@ def test_merge_refuses_mismatched_or_missing_shards(tmp_path):
         U.merge_shards(out, 2)
     with pytest.raises(FileNotFoundError, match="shard-2-of-3"):
         U.merge_shards(out, 3)
-
-
-# ------------------------------------------------------------------------------- chunk planning
-
-
-@pytest.mark.parametrize("n,chunk,context", [(1, 5, 3), (7, 5, 3), (100, 7, 3), (13, 100, 4),
-                                             (50, 10, 0), (9, 3, 4)])
-def test_chunk_plan_tiles_and_keeps_context(n, chunk, context):
-    plan = U.plan_chunks(n, chunk, context)
-    kept = [k for _, _, a, b, _ in plan for k in range(a, b)]
-    assert kept == list(range(n))
-    for start, stop, a, b, pad_ok in plan:
-        assert start <= a < b <= stop <= n
-        assert a - start >= min(context, a)  # left context unless at the start
-        assert stop - b >= context or stop == n  # right context unless at the end
-        if pad_ok:  # right padding only ever reaches frames past `context` before the end
-            assert stop - b >= context
-        else:
-            assert stop == n
 
 
 # ------------------------------------------------------------------------------- ASR recipes

@@ -210,7 +210,8 @@ def _load(cfg: DictConfig) -> tuple[dict, dict, dict, list[ManifestRow] | None]:
     """Units (frame level), sidecar, alignments and manifest rows (or None)."""
     try:
         units = read_units(Path(cfg.units), cfg.format, expand=True)
-        sidecar = read_sidecar(Path(cfg.units)) or {}
+        found = read_sidecar(Path(cfg.units))
+        sidecar = found.to_dict() if found else {}
         alignments = load_alignments(cfg.alignments, tier=str(cfg.tier))
         rows = read_manifest(cfg.data.manifest) if cfg.data.manifest else None
     except (OSError, ValueError) as err:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from speechvq.checkpoint import CheckpointError, load_checkpoint
+from speechvq.checkpoint import CheckpointError
 from speechvq.cli._hydra import StageError, hydra_main
 from speechvq.cli.train import claim
 from speechvq.data.manifest import read_manifest
@@ -34,13 +34,15 @@ from speechvq.runtime import is_main_process
 from speechvq.tasks import PriorTask
 from speechvq.training import TrainingError, fit
 from speechvq.units import read_sidecar, read_units
+from speechvq.vqvae import load_vqvae
 
 log = logging.getLogger("speechvq.train_prior")
 
 
 def _read(path: str) -> tuple[dict, dict]:
     try:
-        return read_units(path, expand=True), read_sidecar(path) or {}
+        sidecar = read_sidecar(path)
+        return read_units(path, expand=True), sidecar.to_dict() if sidecar else {}
     except (FileNotFoundError, ValueError) as err:
         raise StageError(str(err)) from None
 
@@ -54,10 +56,10 @@ def _vqvae_meta(cfg: DictConfig, sidecar: dict) -> tuple[dict, str | None]:
         log.info("the sidecar's checkpoint %s is not here; speaker list from the manifest", path)
         return {}, None
     try:
-        ckpt = load_checkpoint(path, kind="vqvae")
+        _, meta = load_vqvae(path)
     except CheckpointError as err:
         raise StageError(str(err)) from None
-    return dict(ckpt["meta"]), str(path)
+    return meta.to_dict(), str(path)
 
 
 def _speakers(cfg: DictConfig, vq_meta: dict,
