@@ -20,5 +20,5 @@ parse_options "$@"
 require vqvae prior out
 
 run_step "$out" sample --after "$vqvae" --after "$prior" -- \
-  speechvq-sample "vqvae=$vqvae" "prior=$prior" "n=$n" "out_dir=$out" "${overrides[@]}"
+  speechvq-sample "vqvae=$vqvae" "prior_checkpoint=$prior" "n=$n" "out_dir=$out" "${overrides[@]}"
 log "listening page: $out/index.html"

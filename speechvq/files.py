@@ -18,6 +18,7 @@ looks the same).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -57,6 +58,38 @@ def _os_error_behind(err: BaseException) -> OSError | None:
     while seen is not None and not isinstance(seen, OSError):
         seen = seen.__cause__ or seen.__context__
     return seen
+
+
+# errors that only writing gives: "cannot write FILE: cause" even when the writer did not say so
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def write_problem(err: OSError) -> str | None:
+    """One line for a failed write of an output, or None when ``err`` is not one."""
+    if isinstance(err, WriteError):
+        return str(err)
+    if err.errno in _WRITE_ERRNOS:
+        where = f" {err.filename}" if err.filename else " the output"
+        return f"cannot write{where}: {err.strerror}"
+    return None
+
+
+def probe_writable(folder: str | os.PathLike) -> str | None:
+    """Create ``folder`` and write (and remove) a small file in it: None when that works, else one
+    line ``cannot write FOLDER: cause`` (no permission, read-only, disk or quota full)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".speechvq-probe.", suffix=".tmp")
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as err:
+        return f"cannot write {err.filename or folder}: {err.strerror or err}"
+    return None
 
 
 def umask() -> int:

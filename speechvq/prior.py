@@ -6,7 +6,10 @@
 - :class:`UnitSequences` and :func:`collate_units` are its training / validation examples
   (:class:`speechvq.tasks.PriorTask` trains it with the shared fit loop);
 - :func:`unit_perplexity` is its exact validation perplexity per unit, and
-  :func:`ngram_perplexities` the unigram and bigram baselines it is reported against.
+  :func:`ngram_perplexities` the unigram and bigram baselines it is reported against;
+- :func:`prior_data` gathers what a prior is trained on: the units of a unit file (a held-out
+  part, or a second file, for validation), each utterance's speaker, the speaker-token
+  inventory and the codebook size.
 
 Speakers: the prior's leading token is a speaker token when the utterance's speaker is known (from
 a manifest), BOS otherwise; the token inventory is the VQ-VAE checkpoint's speaker list when known
@@ -16,9 +19,10 @@ keeps its own ``speakers`` list; the decoder uses the VQ-VAE's; they are matched
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from speechvq.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from speechvq.checkpoint import CheckpointError, VQVAEMeta, load_checkpoint, load_model_state
+from speechvq.data.manifest import read_manifest
 from speechvq.metrics import prior_perplexity
 from speechvq.nn.prior import IGNORE_INDEX, Prior
+from speechvq.units import Sidecar, Units, read_sidecar, read_units
+from speechvq.vqvae import load_vqvae
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------
 # building and loading
@@ -225,3 +234,106 @@ def unit_perplexity(prior: Prior, data: UnitSequences, batch_size: int = 16) -> 
     if count == 0:
         raise ValueError("no units to compute a perplexity on")
     return prior_perplexity(nll, count)
+
+
+# ------------------------------------------------------------------------------------------------
+# what a prior is trained on
+
+
+class PriorDataError(ValueError):
+    """Training data for the prior that cannot be used; the message names the file."""
+
+
+@dataclass
+class PriorData:
+    """Units, speakers and codebook size for :class:`speechvq.tasks.PriorTask`.
+
+    ``speaker_of``: utterance id -> speaker where known; ``speakers``: the speaker-token inventory
+    (the VQ-VAE's speakers, so prior and decoder agree on names, else the manifests' sorted);
+    ``meta``: where the units came from, for the prior's checkpoint.
+    """
+
+    train: Units
+    valid: Units
+    speaker_of: dict[str, str]
+    speakers: list[str]
+    n_codes: int
+    meta: dict[str, Any]
+
+
+def prior_data(units: str, valid_units: str | None, valid_fraction: float, seed: int,
+               manifest: str | None, vqvae: str | None, n_codes: int | None,
+               speaker_tokens: bool) -> PriorData:
+    """Read and resolve what a prior is trained on (``conf/train_prior.yaml`` keys).
+
+    Validation: ``valid_units``, else a seeded ``valid_fraction`` of the utterances. Speakers:
+    ``manifest``, else the manifests named in the unit files' sidecars; none at all means no
+    speaker tokens. The VQ-VAE is ``vqvae`` or the checkpoint named in the sidecar (when it is
+    still there). ``n_codes``: given, else the sidecar's, the VQ-VAE's, or the largest unit + 1.
+    """
+    train, sidecar = _read(units)
+    sidecars = [sidecar]
+    if valid_units is not None:
+        valid, valid_sidecar = _read(valid_units)
+        sidecars.append(valid_sidecar)
+        if overlap := set(train) & set(valid):
+            log.warning("%d utterance(s) are in both %s and %s", len(overlap), units, valid_units)
+    else:
+        try:
+            train_ids, valid_ids = split_ids(list(train), valid_fraction, seed)
+        except ValueError as err:
+            raise PriorDataError(f"{units}: {err}") from None
+        train, valid = {i: train[i] for i in train_ids}, {i: train[i] for i in valid_ids}
+    vq_meta, vq_path = _vqvae_meta(vqvae, sidecar)
+    speaker_of, speakers = ({}, []) if not speaker_tokens else _speakers(manifest, vq_meta,
+                                                                          sidecars)
+    meta = {"units": str(units), "valid_units": valid_units,
+            "frame_rate": sidecar.frame_rate or (vq_meta.frame_rate if vq_meta else None),
+            "checkpoint_hash": sidecar.checkpoint_hash, "vqvae": vq_path}
+    codes = n_codes or sidecar.n_codes or (vq_meta.n_codes if vq_meta else None)
+    if codes is None:
+        codes = 1 + max(int(u.max()) for u in (*train.values(), *valid.values()) if len(u))
+        log.warning("codebook size unknown (no n_codes=, sidecar or VQ-VAE): using %d, the "
+                    "largest unit + 1", codes)
+    return PriorData(train, valid, speaker_of, speakers, int(codes), meta)
+
+
+def _read(path: str) -> tuple[Units, Sidecar]:
+    try:
+        return read_units(path, expand=True), read_sidecar(path) or Sidecar()
+    except (FileNotFoundError, ValueError) as err:
+        raise PriorDataError(str(err)) from None
+
+
+def _vqvae_meta(vqvae: str | None, sidecar: Sidecar) -> tuple[VQVAEMeta | None, str | None]:
+    """(meta, path) of the VQ-VAE checkpoint behind the units, when one can be found."""
+    path = vqvae or sidecar.checkpoint
+    if path is None:
+        return None, None
+    if vqvae is None and not Path(path).is_file():
+        log.info("the sidecar's checkpoint %s is not here; speaker list from the manifest", path)
+        return None, None
+    _, meta = load_vqvae(path)
+    return meta, str(path)
+
+
+def _speakers(manifest: str | None, vq_meta: VQVAEMeta | None, sidecars: Sequence[Sidecar]
+              ) -> tuple[dict[str, str], list[str]]:
+    """(id -> speaker, token inventory). With no speaker known for any utterance the inventory is
+    empty: tokens never seen in training would otherwise be used at sampling time."""
+    manifests = ([manifest] if manifest is not None else
+                 [m for m in (sc.manifest for sc in sidecars) if m and Path(m).is_file()])
+    speaker_of: dict[str, str] = {}
+    for path in manifests:
+        try:
+            speaker_of.update({r.id: r.speaker for r in read_manifest(path)})
+        except ValueError as err:
+            raise PriorDataError(str(err)) from None
+    if not speaker_of:
+        log.warning("no manifest gives the utterances' speakers (data.manifest=...): "
+                    "the prior is trained without speaker tokens")
+        return {}, []
+    if manifest is None:
+        log.info("speakers from the units' manifest(s): %s", ", ".join(map(str, manifests)))
+    inventory = list(vq_meta.speakers) if vq_meta is not None else []
+    return speaker_of, inventory or sorted(set(speaker_of.values()))

@@ -6,25 +6,32 @@
 - :func:`write_samples` speaks prior samples, :func:`write_resynthesis` reconstructs and converts
   manifest utterances; both write WAVs and return the rows of a listening page
   (:func:`speechvq.report.write_report`).
+- :func:`sample` and :func:`resynthesize` are ``speechvq-sample`` and ``speechvq-resynth``: the
+  WAVs, the listening page and TensorBoard, from a :class:`SampleJob` / :class:`ResynthJob`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from speechvq.audio import load_audio, save_audio
-from speechvq.checkpoint import VQVAEMeta
+from speechvq.audio import AudioError, load_audio, save_audio
+from speechvq.checkpoint import CheckpointError, VQVAEMeta
+from speechvq.data.manifest import ManifestRow, read_manifest
 from speechvq.features import FeatureStats, FrontEnd, UtteranceState, stats_for_rows
 from speechvq.files import safe_name
 from speechvq.nn.prior import Prior
-from speechvq.prior import sample_units
-from speechvq.report import Clip, Row
+from speechvq.prior import load_prior, sample_units
+from speechvq.report import Clip, Row, log_to_tensorboard, write_report
+from speechvq.runtime import resolve_device
+from speechvq.units import write_units
 from speechvq.vocoder import griffin_lim
 from speechvq.vqvae import VQVAE, load_vqvae
 
@@ -233,3 +240,146 @@ def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Pa
                 clips.append(Clip(path, f"as {target}", None, "voice conversion"))
         page.append(Row(row.id, clips))
     return page
+
+
+# ------------------------------------------------------------------------------------------------
+# the sample and resynthesis stages
+
+
+class SynthesisError(ValueError):
+    """A sample or resynthesis run that cannot go on; the message names the file or speaker."""
+
+
+_USER_ERRORS = (CheckpointError, AudioError, KeyError, ValueError)
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One ``speechvq-sample`` run as plain data (the keys of ``conf/sample.yaml``;
+    ``manifest`` is ``data.manifest``, ``vocoder`` the group)."""
+
+    vqvae: str
+    prior_checkpoint: str
+    n: int
+    seconds: float
+    speaker: str | list[str] | None
+    prompt: str | None
+    prompt_seconds: float
+    manifest: str | None
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+    device: str
+    vocoder: dict
+    tensorboard: bool
+    out_dir: str
+
+
+def sample(job: SampleJob) -> Path:
+    """Sample ``job.n`` clips from the prior and speak them with the VQ-VAE: ``OUT/sample_*.wav``,
+    ``OUT/units.txt`` (gslm), ``OUT/index.html`` (returned) and ``OUT/tb/``."""
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(job.device)
+    try:
+        synth = Synthesizer.from_checkpoint(job.vqvae, job.vocoder, device=device)
+        prior, prior_meta = load_prior(job.prior_checkpoint, map_location=device)
+        prompt_units, prompt_speaker, prompt_row = _prompt(job, synth, out_dir)
+        speakers = resolve_speakers(job.speaker, synth.speakers, str(job.vqvae))
+        if not speakers:
+            speakers = [prompt_speaker if prompt_speaker in synth.speakers else synth.speakers[0]]
+        rows = write_samples(
+            synth, prior, prior_meta.get("speakers", []), out_dir, n=job.n, seconds=job.seconds,
+            speakers=speakers, prompt_units=prompt_units, temperature=job.temperature,
+            top_k=job.top_k, top_p=job.top_p, seed=job.seed)
+    except _USER_ERRORS as err:
+        raise SynthesisError(str(err).strip('"')) from None
+    write_units(out_dir / "units.txt", {Path(r.clips[0].wav).stem: r.clips[0].units for r in rows},
+                format="gslm")
+    if prompt_row is not None:
+        rows.insert(0, prompt_row)
+    settings = (f"{job.n} samples of {job.seconds} s, temperature {job.temperature}, "
+                f"top_k {job.top_k}, top_p {job.top_p}, seed {job.seed}; "
+                f"VQ-VAE {job.vqvae}; prior {job.prior_checkpoint}")
+    index = write_report(out_dir, rows, "speechvq samples", synth.features or None, settings)
+    if job.tensorboard:
+        log_to_tensorboard(out_dir / "tb", rows, sample_rate=synth.sample_rate)
+    return index
+
+
+def _prompt(job: SampleJob, synth: Synthesizer, out_dir: Path
+            ) -> tuple[Tensor | None, str | None, Row | None]:
+    """(units (U,), speaker, page row) of the prompt utterance, or (None, None, None)."""
+    if job.prompt is None:
+        return None, None, None
+    if job.manifest is None:
+        raise SynthesisError("prompt= names an utterance: give the manifest that lists it with "
+                             "data.manifest=...")
+    rows = {r.id: r for r in read_manifest(job.manifest)}
+    row = rows.get(str(job.prompt))
+    if row is None:
+        raise SynthesisError(f"{job.manifest}: no utterance with id {job.prompt!r}")
+    # the prompt speaker's statistics as extraction would use them (all its utterances listed)
+    synth.add_speakers([r for r in rows.values() if r.speaker == row.speaker])
+    wav = load_audio(row.path, synth.sample_rate)
+    units = synth.encode(wav, row.speaker)
+    units = units[: max(1, round(job.prompt_seconds * synth.frame_rate))]
+    path = out_dir / "prompt" / (safe_name(row.id) + ".wav")
+    save_audio(path, wav[: units.numel() * synth.samples_per_unit], synth.sample_rate)
+    page = Row(f"prompt {row.id}", [Clip(path, "prompt (original audio)", units.cpu().numpy(),
+                                         f"speaker {row.speaker}")])
+    return units.cpu(), row.speaker, page
+
+
+@dataclass(frozen=True)
+class ResynthJob:
+    """One ``speechvq-resynth`` run as plain data (the keys of ``conf/resynth.yaml``)."""
+
+    checkpoint: str
+    manifest: str
+    speaker: str | list[str] | None
+    n: int | None
+    ids: list[str] | None
+    seed: int
+    device: str
+    vocoder: dict
+    tensorboard: bool
+    out_dir: str
+
+
+def resynthesize(job: ResynthJob) -> tuple[int, Path]:
+    """Reconstruction and voice conversion of the chosen utterances (:func:`write_resynthesis`),
+    with ``OUT/index.html`` and ``OUT/tb/``; returns (utterances, the page)."""
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = choose_rows(read_manifest(job.manifest), job.ids, job.n, job.seed, job.manifest)
+        synth = Synthesizer.from_checkpoint(job.checkpoint, job.vocoder,
+                                            device=resolve_device(job.device))
+        targets = resolve_speakers(job.speaker, synth.speakers, str(job.checkpoint))
+        page = write_resynthesis(synth, rows, out_dir, targets, seed=job.seed)
+    except _USER_ERRORS as err:
+        raise SynthesisError(str(err).strip('"')) from None
+    intro = (f"{len(rows)} utterance(s) from {job.manifest} through {job.checkpoint}: "
+             f"original, reconstruction, and {len(targets)} target voice(s)")
+    index = write_report(out_dir, page, "speechvq resynthesis", synth.features or None, intro)
+    if job.tensorboard:
+        log_to_tensorboard(out_dir / "tb", page, sample_rate=synth.sample_rate)
+    return len(rows), index
+
+
+def choose_rows(rows: list[ManifestRow], ids: Sequence[str] | None, n: int | None, seed: int,
+                source: str = "the manifest") -> list[ManifestRow]:
+    """The utterances to resynthesise: ``ids`` if given, else a seeded choice of ``n`` (in
+    manifest order; all of them when ``n`` is None or at least their number)."""
+    if ids is not None:
+        by_id = {r.id: r for r in rows}
+        missing = [str(i) for i in ids if str(i) not in by_id]
+        if missing:
+            raise SynthesisError(f"{source}: no utterance(s) {', '.join(missing)}")
+        return [by_id[str(i)] for i in ids]
+    if n is None or int(n) >= len(rows):
+        return rows
+    keep = np.random.default_rng(int(seed)).choice(len(rows), int(n), replace=False)
+    return [rows[i] for i in sorted(keep)]

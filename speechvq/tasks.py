@@ -1,7 +1,9 @@
 """What the fit loop trains (:class:`speechvq.training.Task`): the VQ-VAE and the unit prior.
 
-:class:`PriorTask` trains :class:`speechvq.nn.prior.Prior` on unit sequences
-(:mod:`speechvq.prior`); the rest of this docstring is about :class:`VQVAETask`.
+:func:`train_vqvae` and :func:`train_prior` are ``speechvq-train`` and ``speechvq-train-prior``:
+a task from plain data, :func:`speechvq.training.fit`, and (prior) the validation perplexity
+beside the n-gram baselines. :class:`PriorTask` trains :class:`speechvq.nn.prior.Prior` on unit
+sequences (:mod:`speechvq.prior`); the rest of this docstring is about :class:`VQVAETask`.
 
 ``VQVAETask(cfg)`` takes the resolved ``speechvq-train`` config as plain data (``data``,
 ``features``, ``model``, ``quantizer``, ``seed``) and builds:
@@ -21,26 +23,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
+from speechvq.audio import AudioError
 from speechvq.checkpoint import VQVAEMeta
 from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
 from speechvq.features import FeatureStats, FrontEnd, augment_mels, build_logmel, compute_stats
+from speechvq.files import write_json
 from speechvq.prior import (
     UnitSequences,
     build_prior,
     collate_units,
+    load_prior,
     ngram_perplexities,
+    prior_data,
     prior_model_config,
     sample_units,
     unit_perplexity,
 )
-from speechvq.runtime import is_main_process
+from speechvq.runtime import is_main_process, seed_everything
+from speechvq.training import fit
 from speechvq.units import Units
 from speechvq.vocoder import griffin_lim
 from speechvq.vqvae import build_vqvae
@@ -322,3 +331,74 @@ class PriorTask:
         writer.add_scalar("valid/bigram_perplexity", self.baselines["bigram"], step)
         units = sample_units(model, 1, min(100, self.max_units), seed=step)[0].tolist()
         writer.add_text("prior/sample_units", " ".join(map(str, units)), step)
+
+
+# ------------------------------------------------------------------------------------------------
+# the training stages
+
+
+class TaskError(ValueError):
+    """Training data or settings a task cannot be built from; the message names the file."""
+
+
+def train_vqvae(config: Mapping[str, Any], out_dir: str | Path, resume: bool | str = False
+                ) -> tuple[VQVAETask, dict]:
+    """``speechvq-train``: a VQ-VAE from the resolved ``conf/train.yaml`` (plain data), trained
+    into ``out_dir`` by :func:`speechvq.training.fit`; returns the task and fit's result."""
+    seed_everything(int(config["seed"]))  # the same initial weights on every rank
+    try:
+        task = VQVAETask(config, out_dir=out_dir, progress=is_main_process())
+    except (ValueError, AudioError) as err:
+        raise TaskError(str(err)) from None
+    result = fit(task, config["trainer"], out_dir, resume=resume, seed=int(config["seed"]),
+                 device=str(config["device"]), config=config)
+    return task, result
+
+
+@dataclass(frozen=True)
+class PriorJob:
+    """One ``speechvq-train-prior`` run as plain data (the keys of ``conf/train_prior.yaml``;
+    ``manifest`` is ``data.manifest``, ``prior`` and ``trainer`` the groups, ``config`` all)."""
+
+    units: str
+    valid_units: str | None
+    valid_fraction: float
+    manifest: str | None
+    vqvae: str | None
+    n_codes: int | None
+    speaker_tokens: bool
+    max_units: int | None
+    prior: dict
+    trainer: dict
+    out_dir: str
+    resume: bool | str
+    seed: int
+    device: str
+    config: dict = field(default_factory=dict)
+
+
+def train_prior(job: PriorJob) -> dict | None:
+    """Train the prior of ``job``; on rank 0, the validation perplexity report (written to
+    ``OUT/perplexity.json``) of the best checkpoint beside the n-gram baselines, plus ``n_codes``;
+    None elsewhere."""
+    data = prior_data(job.units, job.valid_units, job.valid_fraction, job.seed, job.manifest,
+                      job.vqvae, job.n_codes, job.speaker_tokens)
+    torch.manual_seed(job.seed)  # the prior's initial weights
+    try:
+        task = PriorTask(data.train, data.valid, data.speaker_of, data.speakers, job.prior,
+                         data.n_codes, max_units=job.max_units, meta=data.meta, seed=job.seed)
+    except ValueError as err:
+        raise TaskError(f"{job.units}: {err}") from None
+    result = fit(task, job.trainer, job.out_dir, resume=job.resume, seed=job.seed,
+                 device=job.device, config=job.config)
+    if not is_main_process():
+        return None
+    best = Path(result["best_path"])
+    prior, _ = load_prior(best if best.exists() else result["last"])
+    report = {"prior": unit_perplexity(prior, task.valid_set), "bigram": task.baselines["bigram"],
+              "unigram": task.baselines["unigram"], "valid_units": task.baselines["units"],
+              "valid_utterances": len(data.valid), "checkpoint": str(best),
+              "step": result["step"],
+              "smoothing": "add-one (Laplace) over the codebook; bigram start context"}
+    write_json(Path(job.out_dir) / "perplexity.json", report)
+    return {**report, "n_codes": data.n_codes}

@@ -27,7 +27,7 @@ def _fail(args: list[str], cwd: Path) -> str:
     [
         # out_dir is what hydra's run dir is made of: hydra itself would print a traceback
         (["speechvq-train", "data.manifest=m.tsv"], "missing required value: out_dir="),
-        (["speechvq-sample", "vqvae=v.pt", "out_dir=o"], "missing required value: prior="),
+        (["speechvq-sample", "vqvae=v.pt", "out_dir=o"], "missing required value: prior_checkpoint="),
         (["speechvq-train", "data.manifest=m.tsv", "model=nope", "out_dir=o"],
          "Could not find 'model/nope'; choose from mel, wave"),
         (["speechvq-train", "data.manifest=m.tsv", "trainer.max_stepz=3", "out_dir=o"],

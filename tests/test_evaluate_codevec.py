@@ -157,7 +157,7 @@ def test_codevec_abx_is_skipped_without_a_usable_checkpoint(corpus, tmp_path, ca
     root, units = corpus
     args = [f"alignments={root / 'ali'}", f"data.manifest={root / 'manifest.tsv'}",
             "baseline.enabled=false", f"out={tmp_path / 'm.json'}"]
-    with caplog.at_level(logging.INFO, logger="speechvq.evaluate"):
+    with caplog.at_level(logging.INFO, logger="speechvq.baseline"):
         assert _run([f"units={_unit_file(tmp_path, units, {})}", *args]) == 0
     assert "code-vector ABX is left out" in caplog.text
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
@@ -166,7 +166,7 @@ def test_codevec_abx_is_skipped_without_a_usable_checkpoint(corpus, tmp_path, ca
     ckpt = _checkpoint(tmp_path / "best.pt", _distinct_codes())
     unit_file = _unit_file(tmp_path, units, {"checkpoint": str(ckpt), "checkpoint_hash": "0" * 16})
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="speechvq.evaluate"):
+    with caplog.at_level(logging.INFO, logger="speechvq.baseline"):
         assert _run([f"units={unit_file}", *args]) == 0
     assert "hash changed" in caplog.text
     assert "abx_across_codevec" not in json.loads((tmp_path / "m.json").read_text())["metrics"]

@@ -110,14 +110,14 @@ def test_refused_training_leaves_the_run_untouched(tmp_path: Path) -> None:
 
 def test_unwritable_out_dir_is_one_line_before_hydra(tmp_path: Path, monkeypatch, capsys) -> None:
     """Permissions cannot be taken from root: the write that fails is simulated."""
-    import speechvq.cli._hydra as hydra_cli
+    import speechvq.files
 
     exp = tmp_path / "exp"
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(exp))
 
-    monkeypatch.setattr(hydra_cli.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(speechvq.files.tempfile, "mkstemp", denied)
     monkeypatch.setattr(sys, "argv", ["speechvq-train", f"data.manifest={tmp_path / 'm.tsv'}",
                                       f"out_dir={exp}"])
     with pytest.raises(SystemExit) as err:

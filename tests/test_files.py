@@ -17,8 +17,8 @@ from speechvq import files
 from speechvq.audio import save_audio
 from speechvq.checkpoint import save_checkpoint
 from speechvq.data.alignments import Interval, write_frame_tsv, write_phn
-from speechvq.data.folder import write_rejected
 from speechvq.data.manifest import ManifestRow, write_manifest
+from speechvq.data.prepare import write_rejected
 from speechvq.features import FeatureStats, Moments
 from speechvq.report import Clip, Row, write_report
 from speechvq.units import write_sidecar, write_units
@@ -62,7 +62,7 @@ def _every_writer(tmp: Path) -> list[tuple[str, Callable[[], object]]]:
         ("alignments.write_frame_tsv", lambda: write_frame_tsv(tmp / "f.tsv", {"a": ["x"]}, 50)),
         ("manifest.write_manifest", lambda: write_manifest(
             tmp / "m.tsv", [ManifestRow("a", str(wav), 1600, "s")])),
-        ("folder.write_rejected", lambda: write_rejected(tmp / "rejected.tsv", [("p", "bad")])),
+        ("prepare.write_rejected", lambda: write_rejected(tmp / "rejected.tsv", [("p", "bad")])),
         ("features.FeatureStats.save", lambda: stats.save(tmp / "stats.json")),
     ]
 

@@ -270,16 +270,22 @@ def test_train_prior_cli(tmp_path):
 def test_train_prior_speakers_default_to_the_units_manifest(tmp_path):
     """Without data.manifest the speakers come from the manifest named in the units' sidecar; with
     none known, no speaker tokens at all (sampling must not use tokens training never saw)."""
-    from speechvq.cli.train_prior import _speakers
+    from speechvq.prior import prior_data
+    from speechvq.units import write_sidecar
 
     rows = [ManifestRow(f"u{k}", "/nonexistent.wav", 16000, SPEAKERS[k % 2]) for k in range(4)]
     write_manifest(tmp_path / "m.tsv", rows)
-    cfg = _compose("train_prior", ["units=u.txt", f"out_dir={tmp_path}"])
-    vq_meta = {"speakers": ["bob", "alice", "carol"]}
-    speaker_of, inventory = _speakers(cfg, vq_meta, [{"manifest": str(tmp_path / "m.tsv")}])
-    assert speaker_of == {"u0": "alice", "u1": "bob", "u2": "alice", "u3": "bob"}
-    assert inventory == ["bob", "alice", "carol"]  # the decoder's names, so tokens match
-    assert _speakers(cfg, vq_meta, [{"manifest": str(tmp_path / "gone.tsv")}, {}]) == ({}, [])
+    unit_file = tmp_path / "u.txt"
+    write_units(unit_file, {r.id: np.arange(6) % 8 for r in rows}, "gslm")
+    write_sidecar(unit_file, {"format": "gslm", "manifest": str(tmp_path / "m.tsv")})
+    vq = _tiny_vqvae(tmp_path / "vq.pt", speakers=["bob", "alice", "carol"])
+    data = prior_data(str(unit_file), None, 0.25, 0, None, str(vq), None, True)
+    assert data.speaker_of == {"u0": "alice", "u1": "bob", "u2": "alice", "u3": "bob"}
+    assert data.speakers == ["bob", "alice", "carol"]  # the decoder's names, so tokens match
+    assert data.n_codes == 32 and len(data.train) == 3 and len(data.valid) == 1
+    write_sidecar(unit_file, {"format": "gslm", "manifest": str(tmp_path / "gone.tsv")})
+    data = prior_data(str(unit_file), None, 0.25, 0, None, str(vq), None, True)
+    assert (data.speaker_of, data.speakers) == ({}, [])
 
 
 # ---------------------------------------------------------------- synthesis
@@ -341,7 +347,7 @@ def test_write_samples_same_seed_same_audio(tmp_path):
 def test_sample_cli_writes_clips_units_and_page(tmp_path):
     vq = _tiny_vqvae(tmp_path / "vq.pt")
     prior = _tiny_prior(tmp_path / "prior.pt")
-    common = [str(BIN / "speechvq-sample"), f"vqvae={vq}", f"prior={prior}", "seed=0",
+    common = [str(BIN / "speechvq-sample"), f"vqvae={vq}", f"prior_checkpoint={prior}", "seed=0",
               "vocoder.n_iter=4", "device=cpu"]
     out = tmp_path / "s1"
     _run(common + ["n=8", "seconds=4", "speaker=all", f"out_dir={out}"], tmp_path)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from speechvq.data import download as dl
 from speechvq.data import librispeech as ls
 from speechvq.data.manifest import read_manifest
 
@@ -346,7 +347,7 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, server):
     assert first["range"] is None and first["sent"] == 1000
     assert second["range"] == "bytes=1000-" and second["status"] == 206
     assert second["sent"] == size - 1000  # nothing fetched twice
-    assert ls.md5sum(tmp_path / "corpus" / "dev-clean.tar.gz", progress=False) == _md5(archive)
+    assert dl.md5sum(tmp_path / "corpus" / "dev-clean.tar.gz", progress=False) == _md5(archive)
     assert read_manifest(tmp_path / "m" / "dev-clean.tsv")
 
 
@@ -403,7 +404,7 @@ def test_a_corrupted_download_fails_the_checksum_and_is_not_extracted(tmp_path, 
     bad[len(bad) // 2] ^= 0xFF
     archive.write_bytes(bytes(bad))
     actual = hashlib.md5(bytes(bad)).hexdigest()
-    with pytest.raises(ls.ChecksumError) as err:
+    with pytest.raises(dl.ChecksumError) as err:
         ls.prepare(_cfg(server, tmp_path, checksums), tmp_path / "m", None, progress=False)
     message = str(err.value)
     assert "dev-clean.tar.gz" in message and hashlib.md5(good).hexdigest() in message
@@ -421,7 +422,7 @@ def test_a_corrupted_download_fails_the_checksum_and_is_not_extracted(tmp_path, 
 
 def test_the_builtin_table_rejects_a_fake_archive(tmp_path, server):
     _make_archive(tmp_path, "dev-clean")
-    with pytest.raises(ls.ChecksumError, match="42e2234ba48799c1f50f24a7926300a1.*built-in table"):
+    with pytest.raises(dl.ChecksumError, match="42e2234ba48799c1f50f24a7926300a1.*built-in table"):
         ls.prepare(_cfg(server, tmp_path, None), tmp_path / "m", None, progress=False)
 
 
@@ -458,7 +459,7 @@ def test_an_archive_with_an_escaping_member_is_refused(
     member.name = member.name.format(tmp=tmp_path)
     archive, _ = _make_archive(tmp_path, "dev-clean", extra=member)
     checksums = _write_checksums(tmp_path / "md5sum.txt", archive)
-    with pytest.raises(ls.UnsafeArchiveError, match=reason) as err:
+    with pytest.raises(dl.UnsafeArchiveError, match=reason) as err:
         ls.prepare(_cfg(server, tmp_path, checksums), tmp_path / "m", None, progress=False)
     assert "dev-clean.tar.gz" in str(err.value) and repr(member.name) in str(err.value)
     corpus = tmp_path / "corpus"
@@ -475,9 +476,9 @@ def test_safe_extract_accepts_links_inside_the_target(tmp_path):
         info.size = 1
         tar.addfile(info, io.BytesIO(data))
         tar.addfile(_member("a/sym", tarfile.SYMTYPE, "file.txt"))
-    ls.safe_extract(archive, tmp_path / "out", progress=False)
+    dl.safe_extract(archive, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "a" / "sym").read_bytes() == b"x"
-    ls.safe_extract(archive, tmp_path / "kept", progress=False, link_root="a")
+    dl.safe_extract(archive, tmp_path / "kept", progress=False, link_root="a")
     assert (tmp_path / "kept" / "a" / "sym").read_bytes() == b"x"
 
 
@@ -489,7 +490,7 @@ def test_a_changed_checksum_source_fetches_again(tmp_path, server):
     assert marker["md5"] == _md5(archive)
     other = tmp_path / "other-md5.txt"
     other.write_text(f"{'0' * 32}  dev-clean.tar.gz\n")  # different expectation -> not "done"
-    with pytest.raises(ls.ChecksumError):
+    with pytest.raises(dl.ChecksumError):
         ls.prepare(_cfg(server, tmp_path, other), tmp_path / "m", None, progress=False)
     assert len(server.requests) == 2
 

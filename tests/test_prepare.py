@@ -17,6 +17,7 @@ from speechvq.cli import prepare
 from speechvq.cli._hydra import StageError, conf_dir
 from speechvq.data.folder import folder_candidates, split_rows
 from speechvq.data.manifest import ManifestRow, read_manifest
+from speechvq.data.synth import MINI_CORPUS
 
 SR = 16000
 PREPARE = Path(sys.executable).parent / "speechvq-prepare"
@@ -245,7 +246,7 @@ def test_librispeech_errors_are_one_clear_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not (prepare.MINI_CORPUS / "train").is_dir(), reason="mini corpus not generated"
+    not (MINI_CORPUS / "train").is_dir(), reason="mini corpus not generated"
 )
 def test_shipped_mini_corpus(tmp_path):
     prepare.run(_cfg("data=mini", f"out_dir={tmp_path}"))

@@ -1,4 +1,4 @@
-"""speechvq-train: train a VQ-VAE on a manifest.
+"""speechvq-train: train a VQ-VAE on a manifest (:func:`speechvq.tasks.train_vqvae`).
 
     speechvq-train data.manifest=OUT/train.tsv [data.valid_manifest=OUT/valid.tsv] model=mel|wave \
         out_dir=EXP [trainer.max_steps=N] [trainer=gpu] [resume=true]
@@ -19,26 +19,26 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from speechvq.audio import AudioError
 from speechvq.checkpoint import CheckpointError
 from speechvq.cli._hydra import StageError, hydra_main
-from speechvq.runtime import is_main_process, seed_everything
-from speechvq.tasks import VQVAETask
-from speechvq.training import TrainingError, fit, resume_path, run_lock
+from speechvq.runtime import is_main_process
+from speechvq.tasks import TaskError, train_vqvae
+from speechvq.training import TrainingError, resume_path, run_lock
 
 log = logging.getLogger("speechvq.train")
 
 EXIT_CODES = {"interrupt": 130, "sigterm": 143}  # the shell's codes for SIGINT / SIGTERM
 
 
-def _resume(cfg: DictConfig) -> bool | str:
+def resume_value(cfg: DictConfig) -> bool | str:
+    """``resume=``: a bool, ``auto``, or a checkpoint path."""
     return cfg.resume if isinstance(cfg.resume, bool) else str(cfg.resume)
 
 
 def _check_refusal(cfg: DictConfig) -> None:
     """What ``fit`` would refuse (a finished run without resume=true, ...), reading only."""
     try:
-        resume_path(Path(cfg.out_dir), _resume(cfg))
+        resume_path(Path(cfg.out_dir), resume_value(cfg))
     except TrainingError as err:
         raise StageError(str(err)) from None
 
@@ -57,22 +57,14 @@ def claim(cfg: DictConfig) -> Iterator[None]:
 
 
 def run(cfg: DictConfig) -> int | None:
-    main_process = is_main_process()
-    if not main_process:  # one voice: the other ranks only report problems
+    if not is_main_process():  # one voice: the other ranks only report problems
         logging.getLogger().setLevel(logging.WARNING)
     config = OmegaConf.to_container(cfg, resolve=True)
-    out_dir = Path(cfg.out_dir)
-    seed_everything(int(cfg.seed))  # the same initial weights on every rank
     try:
-        task = VQVAETask(config, out_dir=out_dir, progress=main_process)
-    except (ValueError, AudioError) as err:
+        task, result = train_vqvae(config, Path(cfg.out_dir), resume=resume_value(cfg))
+    except (TaskError, TrainingError, CheckpointError) as err:
         raise StageError(str(err)) from None
-    try:
-        result = fit(task, config["trainer"], out_dir, resume=_resume(cfg), seed=int(cfg.seed),
-                     device=str(cfg.device), config=config)
-    except (TrainingError, CheckpointError) as err:
-        raise StageError(str(err)) from None
-    if main_process:
+    if is_main_process():
         best = Path(result["best_path"])
         what = "valid loss" if task.valid_set is not None else "train loss"
         print(f"stopped ({result['stopped']}) at step {result['step']}: {result['last']}")

@@ -22,8 +22,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechvq.audio import AudioError, inspect_audio
+from speechvq.data.alignments import (
+    AlignmentError,
+    Interval,
+    load_alignments,
+    match_alignments,
+    write_phn,
+)
 from speechvq.data.manifest import ManifestRow
-from speechvq.files import write_text
+from speechvq.data.prepare import SPLITS, Corpus, PrepareError, finish, write_rejected
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,6 @@ AUDIO_EXTENSIONS = (".wav", ".flac")
 ALIGNMENT_SUFFIXES = (".phn", ".textgrid")
 SPEAKER_MODES = ("parent", "grandparent", "regex")
 SPLIT_MODES = ("none", "speaker", "utterance")
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -232,29 +238,6 @@ def inspect_candidates(
     return rows, rejected, notes
 
 
-_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
-
-def write_rejected(path: str | os.PathLike, rejected: Sequence[tuple[str, str]]) -> None:
-    r"""``path<TAB>reason`` per rejected file, with a header, atomically (header only if none).
-
-    A backslash, tab, newline or carriage return in a file name is written as ``\\``, ``\t``,
-    ``\n``, ``\r`` (as in Python string literals and PostgreSQL's text format), so every file is
-    one line of exactly two fields; names without those characters are written as they are.
-    Whitespace runs in a reason become one space.
-    """
-    lines = ["path\treason"] + [f"{_escape(p)}\t{_clean_reason(r)}" for p, r in rejected]
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def _escape(name: str) -> str:
-    return re.sub(r"[\\\t\n\r]", lambda m: _ESCAPES[m.group(0)], name)
-
-
-def _clean_reason(reason: str) -> str:
-    return re.sub(r"[\t\r\n]+", " ", reason)
-
-
 def _count(fraction: float, n: int) -> int:
     """How many of ``n`` go to a held-out split: at least one whenever the fraction is non-zero."""
     return 0 if fraction <= 0 else max(1, round(fraction * n))
@@ -325,3 +308,111 @@ def split_config(split_cfg: Mapping | None) -> tuple[str, float, float, int]:
     if missing:
         raise ValueError(f"split config lacks {', '.join(missing)}")
     return by, float(split_cfg["valid"]), float(split_cfg["test"]), int(split_cfg["seed"])
+
+
+# --- the data=folder prepare stage -----------------------------------------------------------
+
+
+def prepare_folder(data: Mapping, out_dir: str | os.PathLike, features: Mapping, *,
+                   stats: bool = True, workers: int = 1, progress: bool = True) -> None:
+    """``data=folder``: every .wav/.flac under ``data["root"]``, with the alignments in
+    ``data["alignments"]`` or beside the audio written to OUT/alignments/; then
+    :func:`speechvq.data.prepare.finish`."""
+    out_dir = Path(out_dir)
+    if not data.get("root") or str(data["root"]) == "???":
+        raise PrepareError("data.root is required: speechvq-prepare data=folder data.root=DIR ...")
+    root = Path(data["root"]).expanduser()
+    if not root.is_dir():
+        raise PrepareError(f"{root}: data.root is not a folder")
+    try:
+        by, valid, test, seed = split_config(data.get("split"))
+        items, rejected = folder_candidates(root, speaker=str(data["speaker"]),
+                                            speaker_regex=data.get("speaker_regex"),
+                                            extensions=list(data["extensions"]))
+    except ValueError as err:
+        raise PrepareError(f"{root}: {err}") from None
+    if not items and not rejected:
+        exts = "/".join(data["extensions"])
+        raise PrepareError(f"{root}: no {exts} files found (searched recursively)")
+    rows, bad, notes = inspect_candidates(items, int(features["sample_rate"]),
+                                          float(data.get("min_seconds", 0.0)), workers, progress)
+    rejected += bad
+    if not rows:
+        write_rejected(out_dir / "rejected.tsv", rejected)
+        raise PrepareError(f"{root}: all {len(rejected)} audio files were rejected "
+                           f"(see {out_dir / 'rejected.tsv'})")
+    splits = None
+    if by != "none":
+        try:
+            splits = split_rows(rows, by, valid, test, seed)
+        except ValueError as err:
+            raise PrepareError(f"{root}: {err}") from None
+    extra = [_write_folder_alignments(data, out_dir, rows)]
+    corpus = Corpus(rows, rejected, splits, notes=notes, extra=extra)
+    finish(corpus, out_dir, features if stats else None, int(features["sample_rate"]),
+           workers=workers, progress=progress)
+
+
+def _read_folder_alignments(
+    data: Mapping, rows: Sequence[ManifestRow], problems: list[AlignmentError]
+) -> dict[str, list[Interval]]:
+    """``{row id: intervals}`` from ``data.alignments`` (matched with ``match_alignments``) or,
+    without it, from the ``.phn``/``.TextGrid`` file beside each audio file. Files that cannot
+    be read are appended to ``problems`` and skipped; a missing ``data.alignments`` is an error."""
+    tier = str(data.get("alignment_tier") or "phones")
+    rate = int(data.get("alignment_sample_rate") or 16000)
+    if data.get("alignments"):
+        src = Path(str(data["alignments"])).expanduser()
+        if not src.exists():
+            raise PrepareError(f"{src}: data.alignments does not exist")
+        try:
+            if src.is_dir():  # with on_error, only a layout problem raises: no files, a clash
+                loaded = load_alignments(src, tier, rate, on_error=problems.append)
+            else:
+                loaded = load_alignments(src, tier, rate)
+        except AlignmentError as err:
+            if src.is_dir():
+                raise PrepareError(f"data.alignments: {err}") from None
+            problems.append(err)  # one .phn/.TextGrid or a frame TSV that cannot be parsed
+            return {}
+        return match_alignments(loaded, rows)
+    found: dict[str, list[Interval]] = {}
+    beside = alignments_beside(r.path for r in rows)
+    for row in rows:
+        if row.path in beside:
+            try:
+                (found[row.id],) = load_alignments(beside[row.path], tier, rate).values()
+            except AlignmentError as err:
+                problems.append(err)
+    return found
+
+
+def _write_folder_alignments(data: Mapping, out_dir: Path, rows: Sequence[ManifestRow]) -> str:
+    """Write OUT/alignments/<id>.phn (seconds) for every row with an alignment; the summary line.
+
+    Unreadable or unwritable alignments are logged (file and reason) and skipped."""
+    problems: list[AlignmentError] = []
+    found = _read_folder_alignments(data, rows, problems)
+    written = 0
+    for row in rows:
+        if row.id not in found:
+            continue
+        target = out_dir / "alignments" / f"{row.id}.phn"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_phn(target, found[row.id])
+            written += 1
+        except ValueError as err:
+            problems.append(AlignmentError(target, str(err)))
+    for err in problems:
+        log.warning("skipping alignment %s", err)
+    line = f"alignments: {written} of {len(rows)} utterances"
+    if written:
+        line += f" -> {out_dir / 'alignments'}"
+    if problems:
+        line += f" ({len(problems)} alignment file(s) could not be read, see the log)"
+    if data.get("alignments") and not written:
+        log.warning(
+            "no alignment in %s matches an utterance id or audio file stem", data["alignments"]
+        )
+    return line

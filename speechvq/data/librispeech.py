@@ -21,30 +21,28 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import http.client
 import json
 import logging
 import os
 import re
 import shutil
-import tarfile
 import tempfile
-import time
-import urllib.error
-import urllib.request
 import zipfile
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import soundfile as sf
 from tqdm import tqdm
 
-from speechvq.data.folder import librispeech_candidates, write_rejected
-from speechvq.data.manifest import ManifestRow, speakers_of, write_manifest
+from speechvq.data.alignments import read_phn, read_textgrid
+from speechvq.data.download import (
+    fetch_archive,
+    safe_extract,
+)
+from speechvq.data.folder import librispeech_candidates
+from speechvq.data.manifest import ManifestRow, speakers_of
+from speechvq.data.prepare import Corpus, finish
 from speechvq.files import write_text
 
 log = logging.getLogger(__name__)
@@ -83,23 +81,10 @@ SUBSETS: dict[str, Subset] = {
     )
 }
 COMPLETE_MARKER = ".complete"
-_FILTER_ERROR = getattr(tarfile, "FilterError", ())  # Python >= 3.11.4
 
 
 class LibriSpeechError(ValueError):
     """A problem with the corpus a user can act on; the message names the file or URL."""
-
-
-class DownloadError(LibriSpeechError):
-    """A download that could not be completed (names the URL and the file)."""
-
-
-class ChecksumError(LibriSpeechError):
-    """An archive whose md5 is not the published one (names the file, expected and actual md5)."""
-
-
-class UnsafeArchiveError(LibriSpeechError):
-    """An archive member that would land outside the target folder (names archive and member)."""
 
 
 # --- subsets and checksums -------------------------------------------------------------------
@@ -150,253 +135,6 @@ def expected_md5(subset: Subset, checksums: Mapping[str, str] | None, source: st
         return checksums[subset.archive]
     except KeyError:
         raise ValueError(f"{source}: no md5 for {subset.archive}") from None
-
-
-def md5sum(path: str | os.PathLike, progress: bool = True) -> str:
-    """Hex md5 of a file, read in 1 MiB blocks."""
-    path = Path(path)
-    digest = hashlib.md5()
-    with (
-        open(path, "rb") as f,
-        tqdm(
-            total=path.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"md5 {path.name}",
-            disable=not progress,
-        ) as bar,
-    ):
-        while block := f.read(1 << 20):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
-
-
-# --- download -------------------------------------------------------------------------------
-
-# Errors after which resuming may succeed (a dropped connection, a timeout, a truncated body).
-_TRANSIENT = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
-
-
-def _part_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
-
-
-def download(
-    url: str,
-    dest: str | os.PathLike,
-    *,
-    retries: int = 5,
-    timeout: float = 60.0,
-    retry_wait: float = 2.0,
-    progress: bool = True,
-) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming what an earlier try left there.
-
-    A partial file is continued with an HTTP ``Range`` request; a server that ignores it (200
-    instead of 206) or refuses it (416) gets a clean restart. A dropped connection is resumed up to
-    ``retries`` times (waiting ``retry_wait`` * attempt seconds). ``dest`` appears only once the
-    whole body arrived. Raises :class:`DownloadError` naming the URL and the file.
-    """
-    dest = Path(dest)
-    part = _part_path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    attempt = 0
-    while True:
-        offset = part.stat().st_size if part.exists() else 0
-        try:
-            _fetch(url, part, offset, timeout, progress)
-            os.replace(part, dest)
-            return dest
-        except urllib.error.HTTPError as err:
-            if err.code == 416 and offset:  # our .part is not a prefix of this file: start over
-                log.warning("%s refused to resume %s at byte %d; restarting", url, part, offset)
-                part.unlink()
-                error: Exception = err
-            elif err.code in (408, 429) or err.code >= 500:
-                error = err
-            else:
-                raise DownloadError(
-                    f"{url}: HTTP {err.code} {err.reason} (downloading {dest})"
-                ) from None
-        except _TRANSIENT as err:
-            error = err
-        attempt += 1
-        have = part.stat().st_size if part.exists() else 0
-        if attempt > retries:
-            raise DownloadError(
-                f"{url}: download to {part} failed after {retries} retries ({error}); "
-                f"{have} bytes kept there, re-run to resume"
-            )
-        log.warning(
-            "%s: interrupted (%s) with %d bytes in %s; resuming (retry %d/%d)",
-            url, error, have, part, attempt, retries,
-        )  # fmt: skip
-        time.sleep(retry_wait * attempt)
-
-
-def _fetch(url: str, part: Path, offset: int, timeout: float, progress: bool) -> None:
-    """One request: append to ``part`` from ``offset`` (206) or rewrite it from the start (200)."""
-    headers = {"User-Agent": "speechvq"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        if offset and response.status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            if not content_range.startswith(f"bytes {offset}-"):
-                part.unlink()
-                raise http.client.HTTPException(
-                    f"asked for bytes {offset}- and got {content_range!r}; restarting"
-                )
-            mode = "ab"
-        else:
-            if offset:
-                log.warning("%s ignores Range requests; downloading %s from the start", url, part)
-            offset, mode = 0, "wb"
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        with (
-            open(part, mode) as f,
-            tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=part.name.removesuffix(".part"),
-                disable=not progress,
-            ) as bar,
-        ):
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-        if total is not None and part.stat().st_size < total:
-            raise http.client.IncompleteRead(b"", total - part.stat().st_size)
-
-
-def fetch_archive(
-    subset: Subset,
-    download_dir: str | os.PathLike,
-    urls: Sequence[str],
-    md5: str,
-    md5_source: str = "the built-in table",
-    **download_kwargs,
-) -> Path:
-    """Download ``subset``'s archive (trying ``urls`` in turn) and check its md5; return its path.
-
-    An archive already in ``download_dir`` is checked, not downloaded again. A wrong md5 moves the
-    file aside to ``<archive>.corrupt`` (so a re-run downloads afresh) and raises
-    :class:`ChecksumError`.
-    """
-    dest = Path(download_dir) / subset.archive
-    progress = download_kwargs.get("progress", True)
-    if not dest.exists():
-        errors = []
-        for url in urls:
-            try:
-                download(url, dest, **download_kwargs)
-                break
-            except DownloadError as err:
-                log.warning("%s", err)
-                errors.append(str(err))
-        else:
-            raise DownloadError(
-                f"could not download {subset.archive} from any of {len(urls)} URL(s): "
-                + "; ".join(errors)
-            )
-    actual = md5sum(dest, progress=progress)
-    if actual != md5.lower():
-        bad = dest.with_name(dest.name + ".corrupt")
-        os.replace(dest, bad)
-        raise ChecksumError(
-            f"{dest}: md5 {actual} does not match the expected {md5} (from {md5_source}); "
-            f"not extracted, moved to {bad} so the next run downloads it again"
-        )
-    log.info("%s: md5 %s ok", dest, actual)
-    return dest
-
-
-# --- safe extraction --------------------------------------------------------------------------
-
-
-def _check_member(member: tarfile.TarInfo, dest: Path, link_root: Path | None = None) -> str | None:
-    """Why ``member`` must not be extracted into ``dest`` (resolved), or None if it is safe.
-
-    Symbolic links must point inside ``link_root`` (resolved; default ``dest``): the folder that is
-    kept, so that no link points out of it once it is moved."""
-    name = PurePosixPath(member.name)
-    if (
-        name.is_absolute()
-        or member.name.startswith(("/", "\\"))
-        or re.match(r"^[A-Za-z]:", member.name)
-    ):
-        return "absolute path"
-    if ".." in name.parts:
-        return "'..' in its path"
-    target = (dest / name).resolve()
-    if not target.is_relative_to(dest):
-        return "it resolves outside the target folder"
-    if member.isdev() or member.isfifo():
-        return "device or FIFO"
-    if member.issym() or member.islnk():
-        link = PurePosixPath(member.linkname)
-        if link.is_absolute() or member.linkname.startswith(("/", "\\")):
-            return f"link to an absolute path {member.linkname!r}"
-        base = target.parent if member.issym() else dest  # hard links name a member of the archive
-        points_to = (base / link).resolve()
-        if not points_to.is_relative_to(dest):
-            return f"link {member.linkname!r} points outside the target folder"
-        if member.issym() and link_root is not None and not points_to.is_relative_to(link_root):
-            return (f"link {member.linkname!r} points outside "
-                    f"{link_root.relative_to(dest).as_posix()}/")
-    return None
-
-
-def _safe_members(
-    tar: tarfile.TarFile, archive: Path, dest: Path, link_root: Path | None
-) -> Iterator[tarfile.TarInfo]:
-    for member in tar:
-        reason = _check_member(member, dest, link_root)
-        if reason:
-            raise UnsafeArchiveError(
-                f"{archive}: refusing to extract member {member.name!r}: {reason}"
-            )
-        yield member
-
-
-def safe_extract(
-    archive: str | os.PathLike,
-    dest: str | os.PathLike,
-    progress: bool = True,
-    link_root: str | None = None,
-) -> None:
-    """Extract a tar archive into ``dest``, refusing absolute paths, ``..`` and escaping links.
-
-    ``link_root`` (a folder inside ``dest``, e.g. ``LibriSpeech/dev-clean``) confines symbolic
-    links further: a link pointing anywhere outside it is refused, since that folder is moved
-    elsewhere after extraction and ``toroot -> ../..`` would then point at what surrounds it.
-    The check is our own; Python's ``filter='data'`` (3.11.4+) is applied on top when available.
-    Raises :class:`UnsafeArchiveError` at the first bad member (``dest`` then holds a partial
-    extraction: callers extract into a scratch folder) and ValueError for an unreadable archive.
-    """
-    archive, dest = Path(archive), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    links = (root / link_root).resolve() if link_root is not None else None
-    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = _safe_members(tar, archive, root, links)
-            members = tqdm(
-                members, desc=f"extract {archive.name}", unit=" files", disable=not progress
-            )
-            tar.extractall(root, members=members, **kwargs)
-    except _FILTER_ERROR as err:  # Python's own filter found something our check let through
-        raise UnsafeArchiveError(f"{archive}: refusing to extract: {err}") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise ValueError(f"{archive}: not a readable tar archive ({err})") from None
 
 
 def extract_subset(
@@ -469,7 +207,8 @@ def obtain_subset(
         if stale.exists():
             stale.unlink()
     _check_space(subset, download_dir)
-    archive = fetch_archive(subset, download_dir, urls, md5, md5_source, **download_kwargs)
+    archive = fetch_archive(subset.archive, download_dir, urls, md5, md5_source,
+                            **download_kwargs)
     extract_subset(archive, subset, download_dir, progress=download_kwargs.get("progress", True))
     record = {"subset": subset.name, "archive": archive.name, "md5": md5.lower()}
     write_text(_marker(subset_dir), json.dumps(record) + "\n")
@@ -560,40 +299,6 @@ def choose_splits(subsets: Sequence[str], chosen: Mapping | None = None) -> dict
     return splits
 
 
-def _per_speaker(rows: Sequence[ManifestRow], limit: int | None) -> list[ManifestRow]:
-    """At most ``limit`` utterances per speaker (evenly spread over their utterances)."""
-    if not limit:
-        return list(rows)
-    by_speaker: dict[str, list[ManifestRow]] = {}
-    for r in rows:
-        by_speaker.setdefault(r.speaker, []).append(r)
-    picked = []
-    for utts in by_speaker.values():
-        step = max(1, len(utts) // limit)
-        picked.extend(utts[::step][:limit])
-    return picked
-
-
-def write_stats(
-    path: Path,
-    train_rows: Sequence[ManifestRow],
-    other_rows: Sequence[ManifestRow],
-    features_cfg: Mapping,
-    per_speaker: int | None,
-    progress: bool = True,
-) -> None:
-    """stats.json: global moments from ``train_rows``, per-speaker ones from every row."""
-    from speechvq.features import FeatureStats, compute_stats
-
-    train_ids = {r.id for r in train_rows}
-    stats = compute_stats(_per_speaker(train_rows, per_speaker), features_cfg, progress=progress)
-    others = [r for r in other_rows if r.id not in train_ids and r.speaker not in stats.speakers]
-    if others:
-        extra = compute_stats(_per_speaker(others, per_speaker), features_cfg, progress=progress)
-        stats = FeatureStats(stats.features, stats.global_, {**extra.speakers, **stats.speakers})
-    stats.save(path)
-
-
 # --- alignments -------------------------------------------------------------------------------
 
 
@@ -624,8 +329,6 @@ def import_alignments(
     TextGrids are read with :func:`speechvq.data.alignments.read_textgrid` (phones tier; stress
     digits stripped; empty intervals become ``sil`` so later frames do not shift). Returns the count.
     """
-    from speechvq.data.alignments import read_phn, read_textgrid
-
     src, out_dir = Path(src), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = set(utt_ids)
@@ -702,66 +405,56 @@ def prepare(
     out_dir: str | os.PathLike,
     features_cfg: Mapping | None = None,
     progress: bool = True,
+    *,
+    stats: bool = True,
+    workers: int = 1,
 ) -> dict:
     """The whole ``data=librispeech`` prepare stage (see the module docstring); returns a summary.
 
-    ``data.download_only=true`` stops after the subsets are downloaded and extracted.
+    ``data.download_only=true`` stops after the subsets are downloaded and extracted. No
+    ``stats.json`` without ``features_cfg`` or with ``stats=False``. It ends as every corpus does
+    (:func:`speechvq.data.prepare.finish`).
     """
     out_dir = Path(out_dir)
     dirs = download_subsets(data_cfg, progress=progress)
     summary: dict = {"subsets": {name: str(d) for name, d in dirs.items()}}
     if _get(data_cfg, "download_only", False):
         return summary
-    out_dir.mkdir(parents=True, exist_ok=True)
     min_seconds = float(_get(data_cfg, "min_seconds", 0.0))
-    by_subset: dict[str, list[ManifestRow]] = {}
-    rejected: list[tuple[str, str]] = []
+    corpus = Corpus([], [])
     for name, subset_dir in dirs.items():
         rows, bad = scan_subset(subset_dir, min_seconds, progress=progress)
         published = SUBSETS[name].num_utterances
         if published and len(rows) + len(bad) != published:  # e.g. an incomplete data.root copy
             log.warning("%s: %d utterances found, the published subset has %d",
                         subset_dir, len(rows) + len(bad), published)  # fmt: skip
-        write_manifest(out_dir / f"{name}.tsv", rows)
-        by_subset[name], rejected = rows, rejected + bad
-    everything = [r for rows in by_subset.values() for r in rows]
-    write_manifest(out_dir / "manifest.tsv", everything)
-    splits = choose_splits(list(by_subset), _get(data_cfg, "splits", {}))
-    for split in ("train", "valid", "test"):
-        path = out_dir / f"{split}.tsv"
-        if splits[split]:
-            write_manifest(path, [r for s in splits[split] for r in by_subset[s]])
-        elif path.exists():  # left from an earlier run with other subsets
-            path.unlink()
-    write_rejected(out_dir / "rejected.tsv", rejected)
-    summary.update(
-        utterances={name: len(rows) for name, rows in by_subset.items()},
-        splits=splits,
-        rejected=len(rejected),
-    )
-    if features_cfg is not None:
-        train_rows = [r for s in splits["train"] for r in by_subset[s]]
-        limit = _get(data_cfg, "stats_utterances_per_speaker")
-        write_stats(out_dir / "stats.json", train_rows, everything, features_cfg, limit, progress)
-        summary["stats"] = str(out_dir / "stats.json")
+        corpus.subsets[name], corpus.rejected = rows, corpus.rejected + bad
+    corpus.rows = [r for rows in corpus.subsets.values() for r in rows]
+    splits = choose_splits(list(corpus.subsets), _get(data_cfg, "splits", {}))
+    corpus.splits = {k: [r for s in v for r in corpus.subsets[s]] for k, v in splits.items() if v}
+    corpus.stats_rows = [r for s in splits["train"] for r in corpus.subsets[s]]
+    summary.update(utterances={name: len(rows) for name, rows in corpus.subsets.items()},
+                   splits=splits, rejected=len(corpus.rejected))
     alignments = _get(data_cfg, "alignments")
     if alignments:
-        ids = [r.id for r in everything]
+        ids = [r.id for r in corpus.rows]
         summary["alignments"] = import_alignments(alignments, ids, out_dir / "alignments")
-    _log_summary(out_dir, by_subset, splits, rejected)
+    corpus.extra = _summary_lines(out_dir, corpus.subsets, splits)
+    features = features_cfg if stats else None
+    finish(corpus, out_dir, features, SAMPLE_RATE, all_speakers=True, workers=workers,
+           per_speaker=_get(data_cfg, "stats_utterances_per_speaker"), progress=progress)
+    if features is not None:
+        summary["stats"] = str(out_dir / "stats.json")
     return summary
 
 
-def _log_summary(
-    out_dir: Path,
-    by_subset: Mapping[str, Sequence[ManifestRow]],
-    splits: Mapping[str, Sequence[str]],
-    rejected: Sequence[tuple[str, str]],
-) -> None:
+def _summary_lines(out_dir: Path, by_subset: Mapping[str, Sequence[ManifestRow]],
+                   splits: Mapping[str, Sequence[str]]) -> list[str]:
+    lines = []
     for name, rows in by_subset.items():
         hours = sum(r.num_samples for r in rows) / SAMPLE_RATE / 3600
-        log.info("%s: %d utterances, %d speakers, %.2f h", out_dir / f"{name}.tsv", len(rows),
-                 len(speakers_of(rows)), hours)  # fmt: skip
-    log.info("splits: %s", ", ".join(f"{k}.tsv = {' + '.join(v)}" for k, v in splits.items() if v))
-    where = f" (listed in {out_dir / 'rejected.tsv'})" if rejected else ""
-    log.info("%d rejected%s", len(rejected), where)
+        lines.append(f"{out_dir / f'{name}.tsv'}: {len(rows)} utterances, "
+                     f"{len(speakers_of(rows))} speakers, {hours:.2f} h")
+    lines.append("split manifests: " + ", ".join(f"{k}.tsv = {' + '.join(v)}"
+                                                 for k, v in splits.items() if v))
+    return lines

@@ -72,6 +72,10 @@ import soundfile as sf
 from tqdm import tqdm
 
 from speechvq.data.alignments import Interval, write_phn
+from speechvq.data.folder import inspect_candidates, librispeech_candidates
+from speechvq.data.manifest import ManifestRow
+from speechvq.data.prepare import SPLITS, Corpus, PrepareError, finish
+from speechvq.files import write_text
 
 __all__ = [
     "CHAPTERS",
@@ -86,6 +90,7 @@ __all__ = [
     "generate_corpus",
     "load_sentences",
     "plan_corpus",
+    "prepare_mini",
     "synthesize",
     "transcript",
 ]
@@ -93,7 +98,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_VOICES = ("kal16", "awb", "rms", "slt")
-SPLITS = ("train", "valid", "test")
+MINI_CORPUS = Path(__file__).resolve().parents[2] / "egs" / "mini" / "corpus"  # shipped
 CHAPTERS = {"train": 1, "valid": 2, "test": 3}
 DEFAULT_N_PER_VOICE: Mapping[str, int] = MappingProxyType({"train": 40, "valid": 7, "test": 10})
 _VOICE_SEX = {"kal": "M", "kal16": "M", "awb": "M", "awb_time": "M", "rms": "M", "slt": "F"}
@@ -543,3 +548,58 @@ def _synthesize_plan(
             for v, o in offsets.items()
         },
     }
+
+
+# --- the data=mini prepare stage -------------------------------------------------------------
+
+
+def prepare_mini(data: Mapping, out_dir: str | os.PathLike, features: Mapping, *,
+                 stats: bool = True, workers: int = 1, progress: bool = True) -> None:
+    """``data=mini``: the shipped corpus (or ``data["root"]``, or a fresh one with
+    ``data["regenerate"]``), its own train/valid/test split and .phn alignments copied to
+    OUT/alignments/; then :func:`speechvq.data.prepare.finish`."""
+    out_dir = Path(out_dir)
+    root = _mini_root(data, out_dir, progress)
+    missing = [s for s in SPLITS if not (root / s).is_dir()]
+    if missing:
+        raise PrepareError(f"{root}: not a mini corpus (no {'/'.join(missing)} folder); "
+                           "regenerate it with data.regenerate=true")
+    splits: dict[str, list[ManifestRow]] = {}
+    corpus = Corpus([], [], splits)
+    for name in SPLITS:
+        try:
+            items, bad = librispeech_candidates(root / name)
+        except ValueError as err:
+            raise PrepareError(f"{root / name}: {err}") from None
+        splits[name], bad_audio, notes = inspect_candidates(
+            items, int(features["sample_rate"]), float(data.get("min_seconds", 0.0)), workers,
+            progress)
+        corpus.rejected += bad + bad_audio
+        corpus.notes.update(notes)
+    corpus.rows = [r for name in SPLITS for r in splits[name]]
+    if not splits["train"]:
+        raise PrepareError(f"{root / 'train'}: no usable utterances")
+    ids = [r.id for r in corpus.rows]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise PrepareError(f"{root}: utterance id(s) in more than one split: {dup[:10]}")
+    n_missing = 0
+    for row in corpus.rows:
+        phn = Path(row.path).with_suffix(".phn")
+        if phn.is_file():
+            write_text(out_dir / "alignments" / f"{row.id}.phn", phn.read_text())
+        else:
+            n_missing += 1
+    if n_missing:
+        log.warning("%d utterance(s) have no .phn alignment beside their audio", n_missing)
+    finish(corpus, out_dir, features if stats else None, int(features["sample_rate"]),
+           workers=workers, progress=progress)
+
+
+def _mini_root(data: Mapping, out_dir: Path, progress: bool) -> Path:
+    if data.get("regenerate"):
+        root = out_dir / "corpus"
+        log.info("synthesising the mini corpus into %s", root)
+        generate_corpus(root, overwrite=True, progress=progress, **dict(data.get("synth") or {}))
+        return root
+    return Path(data["root"]).expanduser() if data.get("root") else MINI_CORPUS
