@@ -99,7 +99,7 @@ def build_checkpoint(kind: str, path: Path, stats: FeatureStats, calib: torch.Te
         "kind": "vqvae",
         "model_config": {"model": cfg["model"], "quantizer": cfg["quantizer"], "n_speakers": 1},
         "meta": {"speakers": ["bench"], "stats": stats.to_dict(), "features": features,
-                 "frame_rate": model.frame_rate, "n_codes": model.n_codes},
+                 "unit_rate": model.unit_rate, "n_codes": model.n_codes},
         "model": model.state_dict(),
         "step": 0,
     })
@@ -113,7 +113,8 @@ def _setup(ckpt: str, threads: int, chunk_seconds: float = 30.0):
     stats = FeatureStats.from_dict(meta["stats"])
     make_input = ModelInput(model.kind, model.samples_per_unit, model.sample_rate,
                             meta["features"], stats, chunk_seconds=chunk_seconds)
-    encoder = ChunkedEncoder(model, chunk_seconds=chunk_seconds, max_batch_seconds=60.0)
+    encoder = ChunkedEncoder(model, chunk_seconds=chunk_seconds, context_seconds=None,
+                             max_batch_seconds=60.0)
     return model, make_input, encoder
 
 
@@ -143,9 +144,9 @@ def phase_long_whole(ckpt: str, path: str, threads: int, chunked: str, seconds: 
     model, make_input, encoder = _setup(ckpt, threads, chunk_seconds=1e9)  # one LogMel pass too
     start = time.perf_counter()
     x = make_input(path, "bench")
-    n_units = min(int(seconds * model.frame_rate), x.shape[-1] // encoder.stride)
+    n_units = min(int(seconds * model.unit_rate), x.shape[-1] // encoder.downsampling)
     with torch.no_grad():
-        whole = model.encode(x[None, ..., : n_units * encoder.stride])[0].numpy()
+        whole = model.encode(x[None, ..., : n_units * encoder.downsampling])[0].numpy()
     wall = time.perf_counter() - start
     reference = np.load(chunked)
     # a pass over the first minutes only ends early: its last `context` units see that end

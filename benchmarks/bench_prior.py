@@ -73,7 +73,7 @@ def tokens_per_second(prior, n_tokens: int, use_cache: bool, device: torch.devic
 
 
 def end_to_end(synth: Synthesizer, prior, seconds: float, device: torch.device) -> dict:
-    n_units = round(seconds * synth.frame_rate)
+    n_units = round(seconds * synth.unit_rate)
     sample_units(prior, 1, 10, speaker=0)  # warm-up
     synth.decode(torch.zeros(1, 10, dtype=torch.long, device=device), "spk0")
     _sync(device)

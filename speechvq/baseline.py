@@ -3,7 +3,7 @@
 13 MFCCs (``torchaudio.transforms.MFCC``) with deltas and delta-deltas, framed exactly like the
 log-mel front-end (same window, hop, mel range, reflect padding and ``center=False``, all read
 from the ``features`` config, so frame ``k`` is centred at ``(k + 0.5) * hop / sample_rate``),
-pooled over the ``features frame rate / unit frame rate`` (2) frames each unit covers, then
+pooled over the ``mel frame rate / unit rate`` (2) frames each unit covers, then
 MiniBatchKMeans fitted on a training manifest. The result has the units' frame count and rate, so
 every metric compares like with like.
 
@@ -43,20 +43,20 @@ log = logging.getLogger(__name__)
 class MfccUnitsFeatures:
     """Waveform ``(T,)`` -> MFCC + deltas + delta-deltas at the unit rate: ``(U, D)`` float32.
 
-    ``U = (T // hop) // factor`` with ``factor = features frame rate / unit frame rate`` (an
+    ``U = (T // hop) // factor`` with ``factor = mel frame rate / unit rate`` (an
     integer); ``pool="mean"`` averages the ``factor`` frames of a unit (``D = 3 n_mfcc``),
     ``"stack"`` concatenates them (``D = 3 n_mfcc factor``).
     """
 
     def __init__(
-        self, features_cfg: Mapping[str, Any], frame_rate: float, n_mfcc: int, pool: str
+        self, features_cfg: Mapping[str, Any], unit_rate: float, n_mfcc: int, pool: str
     ) -> None:
         self.sample_rate = int(features_cfg["sample_rate"])
         n_fft, hop = int(features_cfg["n_fft"]), int(features_cfg["hop_length"])
-        ratio = self.sample_rate / hop / frame_rate
+        ratio = self.sample_rate / hop / unit_rate
         if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
             raise ValueError(
-                f"unit frame rate {frame_rate} Hz is not the features' {self.sample_rate / hop} Hz "
+                f"unit rate {unit_rate} Hz is not the features' {self.sample_rate / hop} Hz "
                 "divided by a whole number"
             )
         if pool not in ("mean", "stack"):
@@ -117,7 +117,7 @@ class MfccKmeans:
 
     Args:
         features_cfg: the log-mel ``features`` config (window, hop, mel range, sample rate).
-        frame_rate: the unit frame rate to match (50 Hz).
+        unit_rate: the units per second to match (50 Hz).
         n_clusters: number of k-means clusters (the evaluated units' number of USED units).
         n_mfcc, pool: see :class:`MfccUnitsFeatures`.
         standardize: scale every feature dimension to zero mean / unit variance (training stats)
@@ -129,7 +129,7 @@ class MfccKmeans:
     def __init__(
         self,
         features_cfg: Mapping[str, Any],
-        frame_rate: float,
+        unit_rate: float,
         n_clusters: int,
         n_mfcc: int = 13,
         pool: str = "mean",
@@ -137,7 +137,7 @@ class MfccKmeans:
         max_train_frames: int = 200_000,
         seed: int = 0,
     ) -> None:
-        self.extractor = MfccUnitsFeatures(features_cfg, frame_rate, n_mfcc, pool)
+        self.extractor = MfccUnitsFeatures(features_cfg, unit_rate, n_mfcc, pool)
         self.n_clusters = int(n_clusters)
         self.standardize = standardize
         self.max_train_frames = int(max_train_frames)
@@ -208,7 +208,7 @@ class MfccKmeans:
 # ------------------------------------------------------------------------------------------------
 # evaluating a unit file, with this baseline beside it (speechvq-evaluate)
 
-DEFAULT_FRAME_RATE = 50.0
+DEFAULT_UNIT_RATE = 50.0
 
 
 class EvaluationError(ValueError):
@@ -230,7 +230,7 @@ class EvalJob:
     alignments: str
     tier: str
     out: str | None
-    frame_rate: float | None
+    unit_rate: float | None
     n_codes: int | None
     codebook: str | None
     manifest: str | None
@@ -251,7 +251,7 @@ def evaluate(job: EvalJob) -> dict:
     ``job.out_path``; returns the report (``metrics``, ``baseline.metrics``, ...)."""
     start = time.perf_counter()
     units, sidecar, alignments, rows = _load(job)
-    frame_rate = float(job.frame_rate or sidecar.frame_rate or DEFAULT_FRAME_RATE)
+    unit_rate = float(job.unit_rate or sidecar.unit_rate or DEFAULT_UNIT_RATE)
     n_codes = job.n_codes or sidecar.n_codes
     _check_unit_range(job.units, units, n_codes)
     features = sidecar.features or job.features
@@ -266,16 +266,16 @@ def evaluate(job: EvalJob) -> dict:
         codebook, codebook_path = _codebook(job, sidecar)
     if codebook is not None:
         _check_codebook(codebook, units, n_codes)
-    metrics = unit_metrics(units, alignments, frame_rate, embeddings=codebook, n_codes=n_codes,
+    metrics = unit_metrics(units, alignments, unit_rate, embeddings=codebook, n_codes=n_codes,
                            speakers=speakers, **job.metrics)
     base = None
     if job.baseline["enabled"]:
-        model, base_units = _baseline(job, rows, units, features, frame_rate,
+        model, base_units = _baseline(job, rows, units, features, unit_rate,
                                       int(metrics["used"]))
         base = {"n_clusters": int(model.kmeans.n_clusters),
                 "train_manifest": str(Path(job.baseline["train_manifest"]).resolve()),
                 "features": dict(features),
-                "metrics": unit_metrics(base_units, alignments, frame_rate,
+                "metrics": unit_metrics(base_units, alignments, unit_rate,
                                         embeddings=model.centroids,
                                         n_codes=model.kmeans.n_clusters, speakers=speakers,
                                         **job.metrics)}
@@ -283,7 +283,7 @@ def evaluate(job: EvalJob) -> dict:
         "units_file": str(Path(job.units).resolve()),
         "alignments": str(Path(job.alignments).resolve()),
         "manifest": str(Path(job.manifest).resolve()) if job.manifest else None,
-        "frame_rate": frame_rate, "n_codes": n_codes, "checkpoint_hash": sidecar.checkpoint_hash,
+        "unit_rate": unit_rate, "n_codes": n_codes, "checkpoint_hash": sidecar.checkpoint_hash,
         "codebook": codebook_path, "metrics": metrics, "baseline": base,
         "seconds": round(time.perf_counter() - start, 2), "config": job.config,
     }
@@ -435,7 +435,7 @@ def _check_codebook(codebook: np.ndarray, units: dict, n_codes: int | None) -> N
 
 def _baseline(
     job: EvalJob, rows: list[ManifestRow] | None, units: dict, features: dict,
-    frame_rate: float, n_clusters: int,
+    unit_rate: float, n_clusters: int,
 ) -> tuple[MfccKmeans, dict]:
     """MFCC + k-means fitted on ``baseline.train_manifest``; its units for ``units``' ids."""
     settings = job.baseline
@@ -450,7 +450,7 @@ def _baseline(
     except ValueError as err:
         raise EvaluationError(str(err)) from None
     model = MfccKmeans(
-        features, frame_rate, n_clusters,
+        features, unit_rate, n_clusters,
         n_mfcc=int(settings["n_mfcc"]), pool=str(settings["pool"]),
         standardize=bool(settings["standardize"]),
         max_train_frames=int(settings["max_train_frames"]), seed=int(settings["seed"]),

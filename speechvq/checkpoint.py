@@ -153,8 +153,8 @@ class VQVAEMeta:
         features: the log-mel front-end config (``conf/features``) the model was trained with.
         stats: :meth:`speechvq.features.FeatureStats.to_dict` of the training statistics, or None
             (wave model, or normalisation that needs none).
-        sample_rate, frame_rate, n_codes, samples_per_unit: the model's audio rate, unit frames
-            per second, codebook size and samples per unit (the model's own values).
+        sample_rate, unit_rate, n_codes, samples_per_unit: the model's audio rate, units per
+            second, codebook size and samples per unit (the model's own values).
         manifest, valid_manifest: what it was trained and validated on (absolute paths).
     """
 
@@ -163,7 +163,7 @@ class VQVAEMeta:
     features: dict | None
     stats: dict | None
     sample_rate: int
-    frame_rate: float
+    unit_rate: float
     n_codes: int
     samples_per_unit: int
     manifest: str | None = None
@@ -182,8 +182,9 @@ class VQVAEMeta:
         a value in ``meta`` that contradicts the model is a :class:`CheckpointError`.
         """
         own = {"kind": model.kind, "sample_rate": int(model.sample_rate),
-               "frame_rate": float(model.frame_rate), "n_codes": int(model.n_codes),
+               "unit_rate": float(model.unit_rate), "n_codes": int(model.n_codes),
                "samples_per_unit": int(model.samples_per_unit)}
+        meta = {"unit_rate": meta.get("frame_rate"), **meta}  # its former name
         for key, value in own.items():
             if meta.get(key) is not None and meta[key] != value:
                 raise CheckpointError(path, f"meta.{key} is {meta[key]!r} but its model has "

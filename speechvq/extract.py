@@ -186,7 +186,7 @@ def _extract_locked(job: ExtractJob) -> Sidecar | None:
                              job.max_batch_seconds, device)
     log.info("%s: %d utterances (shard %d of %d), %s model, %d codes at %g Hz, context %d units, "
              "on %s", manifest, len(rows), job.shard, job.nshards, model.kind, model.n_codes,
-             model.frame_rate, encoder.context, device)
+             model.unit_rate, encoder.context, device)
     result = extract_units(rows, make_input, encoder, job.num_workers, job.progress)
     if rows and not result.units:
         raise ExtractError(f"{manifest}: none of the {len(rows)} utterances could be read")
@@ -223,13 +223,13 @@ def _sidecar(job: ExtractJob, wanted: dict, model: nn.Module, encoder: ChunkedEn
     frames = sum(len(u) for u in result.units.values())
     return Sidecar(
         **output_hashes(target), format=job.format, dedup=job.dedup,
-        frame_rate=float(model.frame_rate), n_codes=int(model.n_codes), model_kind=model.kind,
+        unit_rate=float(model.unit_rate), n_codes=int(model.n_codes), model_kind=model.kind,
         checkpoint=str(Path(job.checkpoint).resolve()), checkpoint_hash=wanted["checkpoint_hash"],
         manifest=wanted["manifest"], manifest_hash=wanted["manifest_hash"], shard=job.shard,
         nshards=job.nshards, signature=wanted,
         chunking={"chunk_seconds": job.chunk_seconds, "context_units": encoder.context,
                   "receptive_field_input_frames": encoder.receptive_field,
-                  "input_frames_per_unit": encoder.stride},
+                  "downsampling": encoder.downsampling},
         counts={"utterances": len(result.units), "frames": frames,
                 "seconds": round(result.seconds, 3), "rejected": len(result.rejected)},
         rejected=result.rejected, device=str(device),
@@ -373,14 +373,15 @@ def _batch_pieces(pieces: Sequence[_Piece], max_units: int) -> list[list[_Piece]
 class ChunkedEncoder:
     """Encode whole utterances to units in bounded memory, batched, with exact results.
 
-    ``model`` has ``encoder`` (a conv stack), ``encode(x) -> (B, U)`` and ``frame_rate``.
+    ``model`` has ``encoder`` (a conv stack), ``encode(x) -> (B, U)``, ``unit_rate`` and
+    ``downsampling`` (input frames per unit), as :class:`speechvq.vqvae.VQVAE` does.
     Inputs are whole-utterance model inputs whose last axis is time: normalised log-mels
     ``(n_mels, F)`` (mel model) or waveforms ``(T,)`` (wave model), a whole number of units long.
 
     Args:
         chunk_seconds: units kept per window (bounds the encoder's activation memory).
         context_seconds: input context on each side of a window; ``None`` (default) derives it
-            from the encoder's receptive field (``ceil(rf / stride) + 1`` units), which makes the
+            from the encoder's receptive field (``ceil(rf / downsampling) + 1`` units), which makes the
             units independent of the chunking. A smaller value is used as given, with a warning.
         max_batch_seconds: padded audio per encoder call.
         device: where the model runs (it is moved there).
@@ -389,25 +390,30 @@ class ChunkedEncoder:
     def __init__(
         self,
         model: nn.Module,
-        chunk_seconds: float = 30.0,
-        context_seconds: float | None = None,
-        max_batch_seconds: float = 60.0,
+        chunk_seconds: float,
+        context_seconds: float | None,
+        max_batch_seconds: float,
         device: str | torch.device = "cpu",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.frame_rate = float(model.frame_rate)
-        self.receptive_field, self.stride = receptive_field(model.encoder)
+        self.unit_rate = float(model.unit_rate)
+        self.downsampling = int(model.downsampling)
+        self.receptive_field, stride = receptive_field(model.encoder)
+        if stride != self.downsampling:
+            raise ValueError(f"the encoder's strides multiply to {stride}, but the model says "
+                             f"{self.downsampling} input frames per unit")
         first = next(m for m in model.encoder.modules() if isinstance(m, nn.Conv1d))
         shape = () if getattr(model, "kind", "mel") == "wave" else (first.in_channels,)
-        length = max(4 * self.receptive_field, 64 * self.stride) // self.stride * self.stride
+        d = self.downsampling
+        length = max(4 * self.receptive_field, 64 * d) // d * d
         measured = measured_receptive_field(model.encoder, shape, length)
         self.receptive_field = max(self.receptive_field, measured)
-        needed = math.ceil(self.receptive_field / self.stride) + 1
+        needed = math.ceil(self.receptive_field / d) + 1
         if context_seconds is None:
             self.context = needed
         else:
-            self.context = math.ceil(context_seconds * self.frame_rate)
+            self.context = math.ceil(context_seconds * self.unit_rate)
             if self.context < needed:
                 log.warning(
                     "context %d units is less than the encoder's receptive field (%d units): "
@@ -415,12 +421,12 @@ class ChunkedEncoder:
                     self.context,
                     needed,
                 )
-        self.chunk = max(1, round(chunk_seconds * self.frame_rate))
-        self.max_units = max(round(max_batch_seconds * self.frame_rate), self.chunk + 2 * self.context)
+        self.chunk = max(1, round(chunk_seconds * self.unit_rate))
+        self.max_units = max(round(max_batch_seconds * self.unit_rate), self.chunk + 2 * self.context)
 
     def n_units(self, x: torch.Tensor) -> int:
-        """Units an input of this shape yields (``x.shape[-1] // stride``)."""
-        return x.shape[-1] // self.stride
+        """Units an input of this shape yields (``x.shape[-1] // downsampling``)."""
+        return x.shape[-1] // self.downsampling
 
     @torch.no_grad()
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
@@ -434,10 +440,10 @@ class ChunkedEncoder:
         for batch in _batch_pieces(pieces, self.max_units):
             longest = batch[0].length if batch[0].pad_ok else max(p.length for p in batch)
             first = inputs[batch[0].item]
-            x = first.new_zeros((len(batch), *first.shape[:-1], longest * self.stride))
+            x = first.new_zeros((len(batch), *first.shape[:-1], longest * self.downsampling))
             for b, p in enumerate(batch):
-                x[b, ..., : p.length * self.stride] = inputs[p.item][
-                    ..., p.start * self.stride : p.stop * self.stride
+                x[b, ..., : p.length * self.downsampling] = inputs[p.item][
+                    ..., p.start * self.downsampling : p.stop * self.downsampling
                 ]
             codes = self.model.encode(x.to(self.device, non_blocking=True)).cpu().numpy()
             for b, p in enumerate(batch):
@@ -451,7 +457,8 @@ class ModelInput:
 
     The waveform is cut to whole units (``T // samples_per_unit`` units, as
     :class:`speechvq.data.dataset.UtteranceDataset` does). Mel model: the one front-end,
-    :class:`speechvq.features.FrontEnd` with ``stats``, ``(n_mels, 2U)``; wave model: ``(320 U,)``.
+    :class:`speechvq.features.FrontEnd` with ``stats``, ``(n_mels, F)``; wave model:
+    ``(samples_per_unit * U,)``.
     Raises :class:`speechvq.audio.AudioError` for unreadable audio or audio shorter than a unit.
     Picklable, so DataLoader workers can run it.
     """
@@ -541,7 +548,7 @@ def iter_units(
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,  # hour-long inputs: keep few in flight
     )
-    group_units = (group_seconds * encoder.frame_rate) if group_seconds else 4 * encoder.max_units
+    group_units = (group_seconds * encoder.unit_rate) if group_seconds else 4 * encoder.max_units
     bar = tqdm(total=len(rows), unit="utt", desc="extract", disable=not progress, file=sys.stderr)
     group: list[tuple[int, torch.Tensor]] = []
     size = 0
@@ -592,4 +599,4 @@ def extract_units(
             found[index] = units
     ordered = {rows[i].id: found[i] for i in sorted(found)}
     frames = sum(len(u) for u in ordered.values())
-    return Extraction(ordered, rejected, frames / encoder.frame_rate, time.perf_counter() - start)
+    return Extraction(ordered, rejected, frames / encoder.unit_rate, time.perf_counter() - start)

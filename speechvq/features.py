@@ -750,7 +750,9 @@ def stats_for_rows(
     (default ``rows``; the whole manifest, so every shard of an array job gets the same numbers).
     Returns ``(FeatureStats or None, a description for sidecars and logs)``.
     """
-    mode = str(features_cfg.get("normalize", "none"))
+    if "normalize" not in features_cfg:  # no silent default: FrontEnd refuses it too
+        raise ValueError("features config lacks 'normalize' (speaker|global|utterance|none)")
+    mode = str(features_cfg["normalize"])
     info: dict[str, Any] = {"mode": mode, "level": str(features_cfg.get("level", "absolute"))}
     if mode in ("none", "utterance"):
         return None, info

@@ -53,7 +53,7 @@ def load_prior(path: str | Path, map_location: str | torch.device = "cpu"
                ) -> tuple[Prior, dict[str, Any]]:
     """Rebuild a trained prior from its checkpoint; returns (prior in eval mode, meta).
 
-    ``meta`` holds ``speakers`` (the names behind the speaker tokens), ``n_codes``, ``frame_rate``
+    ``meta`` holds ``speakers`` (the names behind the speaker tokens), ``n_codes``, ``unit_rate``
     and where the units came from.
     """
     ckpt = load_checkpoint(path, kind="prior")
@@ -288,7 +288,7 @@ def prior_data(units: str, valid_units: str | None, valid_fraction: float, seed:
     speaker_of, speakers = ({}, []) if not speaker_tokens else _speakers(manifest, vq_meta,
                                                                           sidecars)
     meta = {"units": str(units), "valid_units": valid_units,
-            "frame_rate": sidecar.frame_rate or (vq_meta.frame_rate if vq_meta else None),
+            "unit_rate": sidecar.unit_rate or (vq_meta.unit_rate if vq_meta else None),
             "checkpoint_hash": sidecar.checkpoint_hash, "vqvae": vq_path}
     codes = n_codes or sidecar.n_codes or (vq_meta.n_codes if vq_meta else None)
     if codes is None:

@@ -64,7 +64,7 @@ class Synthesizer:
                                "normalisation")
             self.front = FrontEnd(self.features, self.stats)
         self.sample_rate = int(meta.sample_rate)
-        self.frame_rate = float(vqvae.frame_rate)
+        self.unit_rate = float(vqvae.unit_rate)
         self.n_codes = int(vqvae.n_codes)
         self.samples_per_unit = int(vqvae.samples_per_unit)
 
@@ -188,7 +188,7 @@ def write_samples(synth: Synthesizer, prior: Prior, prior_speakers: Sequence[str
                          f"{synth.n_codes} codes: train the prior on this VQ-VAE's units")
     if not speakers:
         raise ValueError("no speaker to decode with")
-    n_units = max(1, round(seconds * synth.frame_rate))
+    n_units = max(1, round(seconds * synth.unit_rate))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [str(speakers[i % len(speakers)]) for i in range(n)]
@@ -324,7 +324,7 @@ def _prompt(job: SampleJob, synth: Synthesizer, out_dir: Path
     synth.add_speakers([r for r in rows.values() if r.speaker == row.speaker])
     wav = load_audio(row.path, synth.sample_rate)
     units = synth.encode(wav, row.speaker)
-    units = units[: max(1, round(job.prompt_seconds * synth.frame_rate))]
+    units = units[: max(1, round(job.prompt_seconds * synth.unit_rate))]
     path = out_dir / "prompt" / (safe_name(row.id) + ".wav")
     save_audio(path, wav[: units.numel() * synth.samples_per_unit], synth.sample_rate)
     page = Row(f"prompt {row.id}", [Clip(path, "prompt (original audio)", units.cpu().numpy(),

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from speechvq.audio import AudioError
 from speechvq.checkpoint import VQVAEMeta
-from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
+from speechvq.data.dataset import CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
 from speechvq.features import FeatureStats, FrontEnd, augment_mels, build_logmel, compute_stats
 from speechvq.files import write_json
@@ -83,26 +83,23 @@ class VQVAETask:
                                  required=mel, out_dir=out_dir, progress=progress)
         sample_rate = int(self.features["sample_rate"])
         feats_cfg = self.features if mel else None
-        if int(self.model.samples_per_unit) != UNIT_HOP:
-            # the datasets crop, pad and mask in whole 20 ms units of 320 samples
-            raise ValueError(
-                f"the model has {self.model.samples_per_unit} samples per unit but the datasets "
-                f"work in units of {UNIT_HOP} (16 kHz, hop 160, 2x downsampling): "
-                "features.hop_length/sample_rate or the wave strides were changed"
-            )
+        self.samples_per_unit = int(self.model.samples_per_unit)  # the datasets' unit
         self.train_set = CropDataset(train_rows, self.speakers, self.stats, feats_cfg,
                                      crop_seconds=float(data["crop_seconds"]),
-                                     sample_rate=sample_rate, seed=int(cfg["seed"]),
+                                     sample_rate=sample_rate,
+                                     samples_per_unit=self.samples_per_unit, seed=int(cfg["seed"]),
                                      cache_audio=_cache_audio(data.get("cache", False), train_rows))
         self.valid_set = (UtteranceDataset(valid_rows, self.speakers, self.stats, feats_cfg,
-                                           sample_rate=sample_rate) if valid_rows else None)
+                                           sample_rate=sample_rate,
+                                           samples_per_unit=self.samples_per_unit)
+                          if valid_rows else None)
         self.meta = VQVAEMeta(
             kind=self.model.kind,
             speakers=list(self.speakers),
             features=dict(self.features),
             stats=self.stats.to_dict() if self.stats is not None else None,
             sample_rate=sample_rate,
-            frame_rate=float(self.model.frame_rate),
+            unit_rate=float(self.model.unit_rate),
             n_codes=int(self.model.n_codes),
             samples_per_unit=int(self.model.samples_per_unit),
             manifest=str(manifest.resolve()),
@@ -119,7 +116,7 @@ class VQVAETask:
 
     def collate(self, items: list) -> dict | None:
         """Dataset items -> ``speechvq.data.dataset.collate`` batch (``None`` if all unreadable)."""
-        return collate(items)
+        return collate(items, self.samples_per_unit)
 
     def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
         """The VQ-VAE's own forward: ``loss``, the named losses, perplexity/usage/dead_codes.
@@ -161,14 +158,16 @@ class VQVAETask:
 
     def _media_example(self) -> dict | None:
         if self._example is None:
+            sample_rate = int(self.features["sample_rate"])
             dataset = UtteranceDataset(self._media_rows[:20], self.speakers, self.stats,
                                        self.features if self.model.kind == "mel" else None,
-                                       sample_rate=int(self.features["sample_rate"]))
+                                       sample_rate=sample_rate,
+                                       samples_per_unit=self.samples_per_unit)
             item = next((it for it in (dataset[i] for i in range(len(dataset))) if it), None)
             if item is None:
                 return None
-            sample_rate = int(self.features["sample_rate"])
-            self._example = collate([_trim(item, self._media_seconds, sample_rate)])
+            hop = self.samples_per_unit
+            self._example = collate([_trim(item, self._media_seconds, sample_rate, hop)], hop)
         return self._example
 
     def _denormalize(self, feats: Tensor) -> Tensor:
@@ -242,10 +241,10 @@ def _cache_audio(setting: Any, rows: Sequence[ManifestRow]) -> bool:
     return bool(setting)
 
 
-def _trim(item: dict, seconds: float, sample_rate: int) -> dict:
+def _trim(item: dict, seconds: float, sample_rate: int, samples_per_unit: int) -> dict:
     """An utterance item cut to at most ``seconds`` (whole units)."""
-    wav = item["wav"]
-    n = min(wav.numel(), max(UNIT_HOP, int(seconds * sample_rate) // UNIT_HOP * UNIT_HOP))
+    wav, hop = item["wav"], samples_per_unit
+    n = min(wav.numel(), max(hop, int(seconds * sample_rate) // hop * hop))
     out = {**item, "wav": wav[:n], "num_samples": min(item["num_samples"], n)}
     if "feats" in item:
         out["feats"] = item["feats"][:, : n * item["feats"].shape[-1] // max(wav.numel(), 1)]

@@ -1,7 +1,7 @@
 """Discrete units: unit files in every supported format, dedup + durations, shards, extraction.
 
 In memory a corpus' units are a :data:`Units` dict ``{utterance id: int array (T,)}``; frame ``i``
-of a frame-level sequence is centred at ``(i + 0.5) / frame_rate`` seconds.
+of a frame-level sequence is centred at ``(i + 0.5) / unit_rate`` seconds.
 
 File formats (``format=``), one utterance per line unless said otherwise:
 
@@ -27,7 +27,7 @@ Deduplicated units (``dedup=True``) collapse runs of the same unit; the run leng
 ``id d1 d2`` sorted; ``npy``: an ``.npz`` of ``int32`` arrays; ``km``: bare lines), so
 ``expand(values, durations)`` gives the frame-level units back exactly.
 
-A sidecar ``FILE.json`` describes a unit file (frame rate, codebook size, checkpoint and its hash,
+A sidecar ``FILE.json`` describes a unit file (unit rate, codebook size, checkpoint and its hash,
 format, dedup, config, counts, rejected files): :class:`Sidecar`, the one definition of its keys,
 read with :func:`read_sidecar` and written with :func:`write_sidecar`. It is named after the unit
 file rather than a fixed ``units.json`` so that several unit files (splits, shards) can share a
@@ -439,7 +439,7 @@ class Sidecar:
 
     format: str | None = None  # gslm | kaldi | npy | espnet | km
     dedup: bool = False
-    frame_rate: float | None = None  # unit frames per second: frame i is centred at (i + 0.5) / it
+    unit_rate: float | None = None  # units per second: frame i is centred at (i + 0.5) / it
     n_codes: int | None = None  # codebook size
     model_kind: str | None = None  # "mel" | "wave"
     checkpoint: str | None = None  # the VQ-VAE checkpoint (absolute path) and its file hash
@@ -482,6 +482,8 @@ class Sidecar:
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: not a unit-file sidecar (a JSON object)")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "frame_rate" in data and "unit_rate" not in data:  # its former name
+            data = {("unit_rate" if k == "frame_rate" else k): v for k, v in data.items()}
         given = {k: v for k, v in data.items() if k in known}
         return cls(**given, extra={k: v for k, v in data.items() if k not in known})
 
@@ -546,7 +548,7 @@ def merge_shards(path: str | os.PathLike, nshards: int, remove: bool = False) ->
     if missing:
         raise FileNotFoundError(f"cannot merge {path}: missing shard(s) {', '.join(missing)}")
     metas = [read_sidecar(p) for p in shards]
-    keys = ("format", "dedup", "checkpoint_hash", "frame_rate", "n_codes", "manifest_hash")
+    keys = ("format", "dedup", "checkpoint_hash", "unit_rate", "n_codes", "manifest_hash")
     for p, meta in zip(shards[1:], metas[1:], strict=True):
         for key in keys:
             if getattr(meta, key) != getattr(metas[0], key):

@@ -11,6 +11,11 @@ codebook stats. The loss names are the keys ``loss_weights`` may use:
   ``vq_commit``.
 
 A name missing from ``loss_weights`` is reported with weight 0; an unknown name is an error.
+
+The model owns its frame geometry, one name per quantity: ``mel_hop`` (samples per mel frame; mel
+model), ``downsampling`` (encoder input frames per unit: mel frames, or samples for the wave
+model), ``samples_per_unit`` and ``unit_rate`` (units per second). Datasets, extraction and
+synthesis take them from the model.
 """
 
 from __future__ import annotations
@@ -51,9 +56,10 @@ class VQVAE(nn.Module):
         quantizer: kwargs of :class:`VectorQuantizer`.
         n_speakers: size of the decoder's speaker table.
         loss_weights: weight per loss name (see the module docstring).
-        sample_rate: audio sample rate (Hz), for ``frame_rate``.
-        hop_length: mel hop in samples (mel model only; the wave model's hop is its strides').
-        stft_resolutions: ``[[n_fft, hop, win], ...]`` of the wave model's STFT loss.
+        sample_rate: audio sample rate (Hz), for ``unit_rate``.
+        mel_hop: samples per mel frame of the input (mel model only).
+        stft_resolutions: ``[[n_fft, hop, win], ...]`` of the wave model's STFT loss (wave model
+            only).
         cpc: kwargs of :class:`speechvq.nn.cpc.CPCHead` minus ``dim`` (mel model; used when
             ``loss_weights["cpc"]`` is non-zero).
     """
@@ -66,8 +72,8 @@ class VQVAE(nn.Module):
         quantizer: Mapping[str, Any],
         n_speakers: int,
         loss_weights: Mapping[str, float],
-        sample_rate: int = 16000,
-        hop_length: int | None = None,
+        sample_rate: int,
+        mel_hop: int | None = None,
         stft_resolutions: list[list[int]] | None = None,
         cpc: Mapping[str, Any] | None = None,
     ) -> None:
@@ -83,23 +89,27 @@ class VQVAE(nn.Module):
         self.kind = kind
         self.loss_weights = {k: float(v) for k, v in loss_weights.items()}
         self.n_speakers = n_speakers
+        self.mel_hop: int | None = None
         if kind == "mel":
-            if hop_length is None:
-                raise ValueError("the mel model needs hop_length (the feature hop in samples)")
+            if mel_hop is None:
+                raise ValueError("the mel model needs mel_hop (the feature hop in samples)")
             self.encoder = MelEncoder(**encoder)
             self.decoder = MelDecoder(**decoder, n_speakers=n_speakers)
-            self.samples_per_unit = hop_length * self.encoder.hop_length
+            self.mel_hop = int(mel_hop)
         else:
+            if not stft_resolutions:
+                raise ValueError("the wave model needs stft_resolutions ([[n_fft, hop, win], ...])")
             self.encoder = WaveEncoder(**encoder)
             self.decoder = WaveDecoder(**decoder, n_speakers=n_speakers)
-            self.samples_per_unit = self.encoder.hop_length
-            self.stft_loss = MultiResolutionSTFTLoss(stft_resolutions or [[512, 128, 512]])
+            self.stft_loss = MultiResolutionSTFTLoss(stft_resolutions)
+        self.downsampling: int = self.encoder.downsampling
+        self.samples_per_unit: int = (self.mel_hop or 1) * self.downsampling
         self.quantizer = VectorQuantizer(**quantizer)
         self.cpc = None
         if self.loss_weights.get("cpc", 0.0):
             self.cpc = CPCHead(int(self.quantizer.dim), **dict(cpc or {}))
         self.sample_rate = sample_rate
-        self.frame_rate: float = sample_rate / self.samples_per_unit
+        self.unit_rate: float = sample_rate / self.samples_per_unit
         self.n_codes: int = self.quantizer.n_codes
 
     def _input(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -151,13 +161,14 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: feats (B, n_mels, F) [mel] or wav (B, T) [wave] -> unit ids (B, U) long,
-        U = F // 2 or T // 320. Deterministic: no codebook update, whatever the mode."""
+        U = F // downsampling or T // samples_per_unit. Deterministic: no codebook update, whatever the mode."""
         return self.quantizer.encode(self.encoder(x), mask)
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
-        """indices: (B, U) long, speaker: (B,) long -> normalised log-mels (B, n_mels, 2U) [mel]
-        or waveform (B, 320 U) [wave]. No jitter."""
+        """indices: (B, U) long, speaker: (B,) long -> normalised log-mels
+        (B, n_mels, downsampling * U) [mel] or waveform (B, samples_per_unit * U) [wave]. No
+        jitter."""
         return self.decoder(self.quantizer.decode(indices), speaker, jitter=False)
 
     @torch.no_grad()
@@ -176,6 +187,8 @@ def build_vqvae(
     The quantizer's ``dim`` must equal the encoder's ``out_channels`` (the configs interpolate it).
     """
     model_cfg, quantizer_cfg = _plain(model_cfg), _plain(quantizer_cfg)
+    if "hop_length" in model_cfg:  # checkpoints written before the key was named mel_hop
+        model_cfg["mel_hop"] = model_cfg.pop("hop_length")
     latent = model_cfg.get("encoder", {}).get("out_channels")
     if latent is not None and quantizer_cfg.get("dim") != latent:
         raise ValueError(

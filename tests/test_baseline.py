@@ -83,7 +83,7 @@ def _perfect_units(root: Path) -> dict[str, np.ndarray]:
 
 def test_mfcc_frames_match_the_units_and_the_logmel_framing():
     feats_cfg = _features()
-    mfcc = MfccUnitsFeatures(feats_cfg, frame_rate=50.0, n_mfcc=13, pool="mean")
+    mfcc = MfccUnitsFeatures(feats_cfg, unit_rate=50.0, n_mfcc=13, pool="mean")
     logmel = build_logmel(feats_cfg)
     for n in (320, 959, 16000, 16321):
         wav = torch.randn(n)
@@ -92,10 +92,10 @@ def test_mfcc_frames_match_the_units_and_the_logmel_framing():
         assert logmel(wav).shape[-1] // 2 == out.shape[0]
     assert mfcc.mfcc.MelSpectrogram.spectrogram.hop_length == feats_cfg["hop_length"]
     assert mfcc.mfcc.MelSpectrogram.spectrogram.win_length == feats_cfg["win_length"]
-    stacked = MfccUnitsFeatures(feats_cfg, frame_rate=50.0, n_mfcc=13, pool="stack")
+    stacked = MfccUnitsFeatures(feats_cfg, unit_rate=50.0, n_mfcc=13, pool="stack")
     assert stacked(torch.randn(3200)).shape == (10, 78)
     with pytest.raises(ValueError, match="whole number"):
-        MfccUnitsFeatures(feats_cfg, frame_rate=30.0, n_mfcc=13, pool="mean")
+        MfccUnitsFeatures(feats_cfg, unit_rate=30.0, n_mfcc=13, pool="mean")
 
 
 def test_kmeans_baseline_finds_the_tones(corpus):
@@ -119,7 +119,7 @@ def test_evaluate_cli_units_and_baseline(corpus, tmp_path):
     units = _perfect_units(corpus)
     unit_file = tmp_path / "units.txt"
     U.write_units(unit_file, units, "gslm", dedup=True)  # evaluated after expansion to frames
-    U.write_sidecar(unit_file, {"frame_rate": 50.0, "n_codes": 8, "dedup": True})
+    U.write_sidecar(unit_file, {"unit_rate": 50.0, "n_codes": 8, "dedup": True})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(EVALUATE), f"units={unit_file}", f"alignments={corpus / 'ali'}",
@@ -139,7 +139,7 @@ def test_evaluate_cli_units_and_baseline(corpus, tmp_path):
     assert base["n_clusters"] == 4  # as many clusters as units used
     assert 0.0 < base["metrics"]["pnmi"] <= 1.0
     assert base["features"]["hop_length"] == 160
-    assert report["frame_rate"] == 50.0
+    assert report["unit_rate"] == 50.0
 
 
 def _run(overrides: list[str]) -> int:

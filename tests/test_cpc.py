@@ -38,7 +38,7 @@ def test_vqvae_reports_cpc_only_when_weighted():
     from speechvq.vqvae import build_vqvae
 
     model_cfg = OmegaConf.load(conf_dir() / "model" / "mel.yaml")
-    model_cfg.sample_rate, model_cfg.hop_length = 16000, 160
+    model_cfg.sample_rate, model_cfg.mel_hop = 16000, 160
     model_cfg.encoder.in_channels = model_cfg.decoder.out_channels = 80
     model_cfg.decoder.in_channels = model_cfg.encoder.out_channels
     quantizer = {**OmegaConf.to_container(OmegaConf.load(conf_dir() / "quantizer" / "ema.yaml")),

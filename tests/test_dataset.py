@@ -12,11 +12,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from speechvq.cli._hydra import conf_dir
-from speechvq.data.dataset import UNIT_HOP, CropDataset, UtteranceDataset, collate
+from speechvq.data.dataset import CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, speakers_of
 from speechvq.features import Z_MAX, FrontEnd, compute_stats
 
 SR = 16000
+HOP = 320  # samples per unit of the default models
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def stats(corpus, features_cfg):
 
 
 def _crops(corpus, stats, features_cfg, seed=0, crop=0.5):
-    return CropDataset(corpus, speakers_of(corpus), stats, features_cfg, crop, SR, seed=seed)
+    return CropDataset(corpus, speakers_of(corpus), stats, features_cfg, crop, SR, HOP, seed=seed)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -82,7 +83,7 @@ def test_crops_are_a_function_of_seed_epoch_index(corpus, stats, features_cfg):
 def test_crop_content_shapes_and_features(corpus, stats, features_cfg):
     ds = _crops(corpus, stats, features_cfg)
     crop = ds.crop_samples
-    assert crop == 8000 and crop % UNIT_HOP == 0
+    assert crop == 8000 and crop % HOP == 0
     for i in range(len(ds)):
         item = ds[i]
         row = corpus[i]
@@ -106,7 +107,7 @@ def test_crop_content_shapes_and_features(corpus, stats, features_cfg):
         # the dataset's features are exactly the one front-end's, made with the state (level,
         # DC) of the whole utterance the crop comes from, normalised per speaker
         front = FrontEnd(features_cfg, stats)
-        whole = full[: full.numel() // UNIT_HOP * UNIT_HOP]
+        whole = full[: full.numel() // HOP * HOP]
         expected = front(item["wav"], row.speaker, front.measure(whole), n)
         valid = n // features_cfg["hop_length"]
         assert torch.equal(item["feats"][:, :valid], expected[:, :valid])
@@ -128,32 +129,33 @@ def test_bad_file_is_replaced_deterministically(corpus, stats, features_cfg, cap
 def test_collate_pads_and_masks(corpus, stats, features_cfg):
     ds = _crops(corpus, stats, features_cfg)
     items = [ds[i] for i in range(len(ds))]
-    batch = collate(items)
+    batch = collate(items, HOP)
     b, crop = len(items), ds.crop_samples
     assert batch["wav"].shape == (b, crop)
     assert batch["feats"].shape == (b, features_cfg["n_mels"], crop // features_cfg["hop_length"])
-    assert batch["mask"].shape == (b, crop // UNIT_HOP) and batch["mask"].dtype == torch.bool
+    assert batch["mask"].shape == (b, crop // HOP) and batch["mask"].dtype == torch.bool
     assert batch["speaker"].dtype == torch.long and batch["num_samples"].dtype == torch.long
     for k, it in enumerate(items):
-        assert int(batch["mask"][k].sum()) == it["num_samples"] // UNIT_HOP
+        assert int(batch["mask"][k].sum()) == it["num_samples"] // HOP
     short = [k for k, it in enumerate(items) if it["num_samples"] < crop]
     assert short and not batch["mask"][short[0]].all()
     # default DataLoader plumbing works
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=lambda items: collate(items, HOP))
     assert sum(len(x["ids"]) for x in loader) == len(ds)
 
 
 def test_waveform_only_and_config_checks(corpus, stats, features_cfg):
-    ds = CropDataset(corpus, speakers_of(corpus), None, None, 0.5, SR)
+    ds = CropDataset(corpus, speakers_of(corpus), None, None, 0.5, SR, HOP)
     assert "feats" not in ds[0]
     with pytest.raises(ValueError, match="stats"):
-        CropDataset(corpus, speakers_of(corpus), None, features_cfg, 0.5, SR)
+        CropDataset(corpus, speakers_of(corpus), None, features_cfg, 0.5, SR, HOP)
     with pytest.raises(ValueError, match="n_mels"):
-        CropDataset(corpus, speakers_of(corpus), stats, {**features_cfg, "n_mels": 40}, 0.5, SR)
+        CropDataset(corpus, speakers_of(corpus), stats, {**features_cfg, "n_mels": 40}, 0.5, SR,
+                    HOP)
     with pytest.raises(ValueError, match="bob"):
-        CropDataset(corpus, ["ann"], stats, features_cfg, 0.5, SR)
+        CropDataset(corpus, ["ann"], stats, features_cfg, 0.5, SR, HOP)
     utt = CropDataset(
-        corpus, speakers_of(corpus), None, {**features_cfg, "normalize": "utterance"}, 2.0, SR
+        corpus, speakers_of(corpus), None, {**features_cfg, "normalize": "utterance"}, 2.0, SR, HOP
     )
     item = utt[1]  # shorter than the crop: the whole utterance, normalised by its own moments
     assert item["num_samples"] == corpus[1].num_samples
@@ -167,7 +169,7 @@ def test_waveform_only_and_config_checks(corpus, stats, features_cfg):
 
 
 def test_utterances_in_order_bad_ones_dropped(corpus, stats, features_cfg, caplog):
-    ds = UtteranceDataset(corpus, ["bob"], stats, features_cfg, SR)
+    ds = UtteranceDataset(corpus, ["bob"], stats, features_cfg, SR, HOP)
     with caplog.at_level(logging.WARNING):
         items = [ds[i] for i in range(len(ds))]
     bad = next(i for i, r in enumerate(corpus) if r.id == "broken")
@@ -176,19 +178,19 @@ def test_utterances_in_order_bad_ones_dropped(corpus, stats, features_cfg, caplo
         if it is None:
             continue
         assert it["id"] == row.id
-        assert it["num_samples"] == row.num_samples // UNIT_HOP * UNIT_HOP == it["wav"].numel()
+        assert it["num_samples"] == row.num_samples // HOP * HOP == it["wav"].numel()
         assert it["speaker"] == (0 if row.speaker == "bob" else -1)
-    batch = collate(items)
+    batch = collate(items, HOP)
     assert batch["ids"] == [r.id for r in corpus if r.id != "broken"]
-    longest = max(r.num_samples for r in corpus if r.id != "broken") // UNIT_HOP * UNIT_HOP
+    longest = max(r.num_samples for r in corpus if r.id != "broken") // HOP * HOP
     assert batch["wav"].shape[1] == longest
     assert batch["feats"].shape[2] == longest // features_cfg["hop_length"]
-    assert batch["mask"].shape[1] == longest // UNIT_HOP
-    assert collate([None, None]) is None
+    assert batch["mask"].shape[1] == longest // HOP
+    assert collate([None, None], HOP) is None
 
 
 def test_sorted_batches_cover_everything_once(corpus, stats, features_cfg):
-    ds = UtteranceDataset(corpus, speakers_of(corpus), stats, features_cfg, SR)
+    ds = UtteranceDataset(corpus, speakers_of(corpus), stats, features_cfg, SR, HOP)
     batches = ds.sorted_batches(max_seconds=2.0)
     assert sorted(i for b in batches for i in b) == list(range(len(ds)))
     for b in batches:
@@ -200,7 +202,7 @@ def test_sorted_batches_cover_everything_once(corpus, stats, features_cfg):
 def test_audio_cache_gives_identical_crops(corpus, stats, features_cfg):
     plain = _crops(corpus, stats, features_cfg)
     cached = CropDataset(
-        corpus, speakers_of(corpus), stats, features_cfg, 0.5, SR, cache_audio=True
+        corpus, speakers_of(corpus), stats, features_cfg, 0.5, SR, HOP, cache_audio=True
     )
     for epoch in (0, 1):
         plain.set_epoch(epoch)

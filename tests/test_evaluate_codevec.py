@@ -82,7 +82,7 @@ def _checkpoint(path: Path, codes: np.ndarray) -> Path:
         "kind": "vqvae",
         "model_config": {"model": plain["model"], "quantizer": plain["quantizer"],
                          "n_speakers": len(SPEAKERS)},
-        "meta": {"features": plain["features"], "frame_rate": 50.0, "n_codes": N_CODES},
+        "meta": {"features": plain["features"], "unit_rate": 50.0, "n_codes": N_CODES},
         "model": model.state_dict(),
         "step": 0,
     })
@@ -105,7 +105,7 @@ def _parallel_codes() -> np.ndarray:
 def _unit_file(tmp_path: Path, units: dict, sidecar: dict) -> Path:
     path = tmp_path / "units.txt"
     U.write_units(path, units, "gslm")
-    U.write_sidecar(path, {"frame_rate": 50.0, "n_codes": N_CODES, **sidecar})
+    U.write_sidecar(path, {"unit_rate": 50.0, "n_codes": N_CODES, **sidecar})
     return path
 
 

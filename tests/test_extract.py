@@ -90,7 +90,7 @@ def _tiny_vqvae(path: Path, kind: str, stats: FeatureStats, wavs: list[torch.Ten
         "model_config": {"model": cfg["model"], "quantizer": cfg["quantizer"],
                          "n_speakers": len(SPEAKERS)},
         "meta": {"speakers": list(SPEAKERS), "stats": stats.to_dict(),
-                 "features": cfg["features"], "frame_rate": model.frame_rate,
+                 "features": cfg["features"], "unit_rate": model.unit_rate,
                  "n_codes": model.n_codes},
         "model": model.state_dict(),
         "step": 0,
@@ -167,7 +167,7 @@ def test_cli_extracts_dedup_units_with_sidecar(corpus, tmp_path):
         assert np.array_equal(frames[utt], seq), utt
     assert any(len(np.unique(s)) > 3 for s in frames.values())  # the test means something
     meta = json.loads(U.sidecar_path(out).read_text())
-    assert meta["frame_rate"] == 50.0 and meta["n_codes"] == 32 and meta["dedup"] is True
+    assert meta["unit_rate"] == 50.0 and meta["n_codes"] == 32 and meta["dedup"] is True
     assert meta["model_kind"] == "mel" and len(meta["checkpoint_hash"]) == 16
     assert meta["counts"]["utterances"] == 9 and meta["counts"]["rejected"] == 1
     assert meta["rejected"][0]["id"] == "broken" and "broken.wav" in meta["rejected"][0]["path"]
@@ -280,9 +280,9 @@ def test_long_file_in_chunks_equals_whole_file(tmp_path, kind):
     else:
         whole_x = wav16
     whole = model.encode(whole_x[None])[0].numpy()
-    encoder = E.ChunkedEncoder(model, chunk_seconds=3.0, max_batch_seconds=8.0)
-    assert encoder.context >= encoder.receptive_field / encoder.stride
-    short = x[..., : 37 * encoder.stride]  # batched with the long file's windows
+    encoder = E.ChunkedEncoder(model, chunk_seconds=3.0, context_seconds=None, max_batch_seconds=8.0)
+    assert encoder.context >= encoder.receptive_field / encoder.downsampling
+    short = x[..., : 37 * encoder.downsampling]  # batched with the long file's windows
     chunked, alone = encoder([x, short])
     assert len(chunked) == len(whole) == 2000
     assert len(E.plan_chunks(len(whole), encoder.chunk, encoder.context)) >= 13
@@ -312,7 +312,8 @@ def test_batching_never_changes_units(corpus):
                               corpus["stats"])
     xs = [make_input(r.path, r.speaker) for r in read_manifest(corpus["manifest"])
           if r.id != "broken"]
-    together = E.ChunkedEncoder(model, chunk_seconds=30.0, max_batch_seconds=100.0)(xs)
+    together = E.ChunkedEncoder(model, chunk_seconds=30.0, context_seconds=None,
+                                max_batch_seconds=100.0)(xs)
     for x, units in zip(xs, together, strict=True):
         assert np.array_equal(units, model.encode(x[None])[0].numpy())
 

@@ -190,7 +190,7 @@ def _evaluate_cfg(*overrides: str):
 def test_evaluate_refuses_units_beyond_the_codebook(tmp_path: Path) -> None:
     units = tmp_path / "units.txt"
     write_units(units, {"u1": np.array([1, 600, 2]), "u2": np.array([3, 4])}, "gslm")
-    write_sidecar(units, {"format": "gslm", "dedup": False, "n_codes": 512, "frame_rate": 50.0})
+    write_sidecar(units, {"format": "gslm", "dedup": False, "n_codes": 512, "unit_rate": 50.0})
     (tmp_path / "ali").mkdir()
     for utt in ("u1", "u2"):
         (tmp_path / "ali" / f"{utt}.phn").write_text("0 960 a\n")

@@ -103,7 +103,7 @@ def test_training_extraction_and_resynthesis_inputs_are_identical(trained):
     # a speaker the model was trained on
     known = trained["rows"][:3]
     stats, _ = stats_for_rows(features, meta.stats, known)
-    dataset = UtteranceDataset(known, meta.speakers, stats, features)
+    dataset = UtteranceDataset(known, meta.speakers, stats, features, SR, model.samples_per_unit)
     extraction = ModelInput("mel", 320, SR, features, stats)
     for i, row in enumerate(known):
         wav = load_audio(row.path)
@@ -120,7 +120,7 @@ def test_training_extraction_and_resynthesis_inputs_are_identical(trained):
     assert info["speakers_computed"] == 1
     extraction = ModelInput("mel", 320, SR, features, stats)
     synth.add_speakers(unseen)
-    units = extract_units(unseen, extraction, ChunkedEncoder(model), progress=False).units
+    units = extract_units(unseen, extraction, ChunkedEncoder(model, 30.0, None, 60.0), progress=False).units
     for row in unseen:
         wav = load_audio(row.path)
         wav = wav[: wav.numel() // 320 * 320]
@@ -136,7 +136,7 @@ def test_a_gain_of_001_keeps_the_units(trained):
     rows = _mini_rows("test", 2)
     quiet = _scaled_copy(rows, trained["tmp"] / "quiet_test", 0.01)
     loud = _scaled_copy(rows, trained["tmp"] / "loud_test", 3.0)  # clips nothing: float WAV
-    encoder = ChunkedEncoder(model)
+    encoder = ChunkedEncoder(model, 30.0, None, 60.0)
     units = {}
     for name, subset in (("normal", rows), ("quiet", quiet), ("loud", loud)):
         stats, _ = stats_for_rows(meta.features, meta.stats, subset)

@@ -84,7 +84,7 @@ def _tiny_vqvae(path: Path, speakers=SPEAKERS, n_codes: int = 32) -> Path:
         "speakers": list(speakers),
         "stats": stats.to_dict(),
         "features": features,
-        "frame_rate": model.frame_rate,
+        "unit_rate": model.unit_rate,
         "n_codes": model.n_codes,
     }
     save_checkpoint(

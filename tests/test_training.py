@@ -407,7 +407,7 @@ def test_vqvae_task_exact_resume_and_meta(tmp_path: Path, corpus) -> None:
     assert (tmp_path / "stats.json").exists()
     model, meta = load_vqvae(split)
     assert meta.speakers == ["ann", "bob", "cid"] and meta.kind == "mel"
-    assert meta.n_codes == 16 and meta.frame_rate == 50.0
+    assert meta.n_codes == 16 and meta.unit_rate == 50.0
     assert meta.features["n_mels"] == 80 and meta.features["normalize"] == "speaker"
     assert set(meta.stats["speakers"]) == {"ann", "bob", "cid"}  # valid-only speaker added
     assert bool(model.quantizer.inited)

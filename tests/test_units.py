@@ -243,7 +243,7 @@ def test_merge_shards(tmp_path, fmt, dedup):
         assert shard.name == f"{out.name}.shard-{i}-of-3"
         part = {k: units[k] for k in block}
         U.write_units(shard, part, fmt, dedup=dedup)
-        meta = {"format": fmt, "dedup": dedup, "checkpoint_hash": "abc", "frame_rate": 50.0,
+        meta = {"format": fmt, "dedup": dedup, "checkpoint_hash": "abc", "unit_rate": 50.0,
                 "n_codes": 512, "counts": {"utterances": len(block), "frames": 7},
                 "rejected": [{"id": f"bad{i}", "path": "x", "reason": "y"}]}
         if fmt == "km":
@@ -296,3 +296,13 @@ def test_espnet_text_with_sentencepiece_bpe(tmp_path):
         assert len(pieces) < len(chars)  # pieces span several units
         assert "".join(pieces).replace("\u2581", "") == chars  # lossless
         assert np.array_equal(U.from_cjk("".join(pieces).replace("\u2581", "")), values[utt])
+
+
+def test_sidecar_fields_and_the_former_frame_rate_key(tmp_path):
+    U.write_units(tmp_path / "u.txt", {"a": np.array([1, 2])}, "gslm")
+    U.write_sidecar(tmp_path / "u.txt", {"format": "gslm", "frame_rate": 50.0, "mine": 1})
+    meta = U.read_sidecar(tmp_path / "u.txt")
+    assert meta.unit_rate == 50.0 and meta.extra == {"mine": 1}  # unknown keys kept
+    U.write_sidecar(tmp_path / "u.txt", meta)
+    written = json.loads(U.sidecar_path(tmp_path / "u.txt").read_text())
+    assert written["unit_rate"] == 50.0 and "frame_rate" not in written and written["mine"] == 1

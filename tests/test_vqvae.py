@@ -37,7 +37,7 @@ def _mel_cfg(jitter: float = 0.5) -> dict:
     return dict(
         kind="mel",
         sample_rate=16000,
-        hop_length=160,
+        mel_hop=160,
         encoder=dict(
             in_channels=N_MELS,
             channels=32,
@@ -120,7 +120,7 @@ def test_wave_encoder_decoder_shapes(samples):
     cfg = _wave_cfg()
     enc = WaveEncoder(**cfg["encoder"])
     z = enc(torch.randn(2, samples))
-    assert enc.hop_length == 320 and z.shape == (2, 16, samples // 320)
+    assert enc.downsampling == 320 and z.shape == (2, 16, samples // 320)
     dec = WaveDecoder(**cfg["decoder"], n_speakers=3)
     assert dec(z, torch.tensor([0, 1])).shape == (2, 320 * (samples // 320))
 
@@ -147,7 +147,7 @@ def test_vqvae_forward_odd_lengths_and_named_losses(cfg):
     expected = sum(model.loss_weights[k] * out[k] for k in model.loss_weights)
     torch.testing.assert_close(out["loss"], expected)
     out["loss"].backward()
-    assert model.frame_rate == 50.0 and model.n_codes == 32
+    assert model.unit_rate == 50.0 and model.n_codes == 32
     x = _batch([16000 + 170])["feats" if model.kind == "mel" else "wav"]
     indices = model.encode(x)
     assert indices.shape == (1, 50) and indices.dtype == torch.long
@@ -280,7 +280,7 @@ def test_configs_compose_and_build():
                 }
             )
             model = build_vqvae(cfg.model, cfg.quantizer, n_speakers=2)
-            assert model.kind == kind and model.frame_rate == 50.0
+            assert model.kind == kind and model.unit_rate == 50.0
             assert model.quantizer.dim == cfg.model.encoder.out_channels
             assert model.quantizer.ema == (q == "ema")
 
@@ -292,8 +292,11 @@ def test_build_errors_name_the_key():
     bad["loss_weights"]["stft"] = 1.0
     with pytest.raises(ValueError, match="stft"):
         build_vqvae(bad, _quantizer(), n_speakers=2)
+    legacy = {**_mel_cfg()}
+    legacy["hop_length"] = legacy.pop("mel_hop")  # checkpoints from before the rename
+    assert build_vqvae(legacy, _quantizer(), n_speakers=2).mel_hop == 160
     with pytest.raises(ValueError, match="kind"):
-        VQVAE("spectrogram", {}, {}, _quantizer(), 2, {})
+        VQVAE("spectrogram", {}, {}, _quantizer(), 2, {}, 16000)
 
 
 def test_load_vqvae_round_trip(tmp_path):
@@ -302,7 +305,7 @@ def test_load_vqvae_round_trip(tmp_path):
     model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=3).train()
     batch = _batch([16000, 12000])
     model(batch)  # k-means init + one EMA step
-    meta = {"speakers": ["a", "b", "c"], "frame_rate": 50.0, "n_codes": 32}
+    meta = {"speakers": ["a", "b", "c"], "unit_rate": 50.0, "n_codes": 32}
     path = tmp_path / "last.pt"
     state = {
         "kind": "vqvae",
@@ -320,7 +323,7 @@ def test_load_vqvae_round_trip(tmp_path):
     save_checkpoint(path, state)
     loaded, loaded_meta = load_vqvae(path)
     assert loaded_meta.speakers == meta["speakers"] and not loaded.training
-    assert (loaded_meta.frame_rate, loaded_meta.n_codes, loaded_meta.kind) == (50.0, 32, "mel")
+    assert (loaded_meta.unit_rate, loaded_meta.n_codes, loaded_meta.kind) == (50.0, 32, "mel")
     assert bool(loaded.quantizer.inited)
     model.eval()
     assert torch.equal(loaded.encode(batch["feats"]), model.encode(batch["feats"]))

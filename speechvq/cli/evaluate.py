@@ -29,7 +29,7 @@ def job_of(cfg: DictConfig) -> EvalJob:
     abx = cfg.abx
     return EvalJob(
         units=str(cfg.units), format=cfg.format, alignments=str(cfg.alignments),
-        tier=str(cfg.tier), out=cfg.out, frame_rate=cfg.frame_rate, n_codes=cfg.n_codes,
+        tier=str(cfg.tier), out=cfg.out, unit_rate=cfg.unit_rate, n_codes=cfg.n_codes,
         codebook=cfg.codebook, manifest=cfg.data.manifest,
         metrics={"include_silence": bool(cfg.metrics.include_silence),
                  "silence": [str(s) for s in cfg.metrics.silence],

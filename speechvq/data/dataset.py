@@ -1,5 +1,8 @@
 """Datasets over a manifest: random training crops and whole utterances, plus their collate.
 
+Crops and utterances are kept to whole units of the model's ``samples_per_unit`` (given by the
+model: :attr:`speechvq.vqvae.VQVAE.samples_per_unit`), so mel frames, units and masks line up.
+
 Items are dicts ``{"id", "wav": (T,), "feats": (n_mels, F) normalised (when a features config is
 given), "speaker": int, "num_samples": int}`` where ``num_samples`` counts the valid samples before
 zero padding. Features always come from :class:`speechvq.features.FrontEnd`, the one front-end of
@@ -25,9 +28,6 @@ from speechvq.features import FeatureStats, FrontEnd, UtteranceState
 
 log = logging.getLogger(__name__)
 
-# Samples per 50 Hz unit at 16 kHz: every model's total stride (contracts: num_units = T // 320).
-# Crops and utterances are kept to multiples of it so mel frames, units and masks line up exactly.
-UNIT_HOP = 320
 # How many other utterances a crop tries before deciding the corpus itself is broken.
 MAX_SUBSTITUTES = 20
 
@@ -61,7 +61,7 @@ def _item(row: ManifestRow, wav: Tensor, feats: Tensor | None, speaker: int, n: 
 class CropDataset(torch.utils.data.Dataset):
     """Random fixed-length training crops; item ``i`` is a pure function of ``(seed, epoch, i)``.
 
-    ``crop_seconds`` is rounded down to a multiple of 20 ms (one unit). Shorter utterances are
+    ``crop_seconds`` is rounded down to whole units (``samples_per_unit``). Shorter utterances are
     zero-padded at the end (``num_samples`` says how much is real). ``speakers`` gives the speaker
     ids (index in the list); every row's speaker must be in it. ``features_cfg=None``: waveforms only.
     ``cache_audio``: keep every decoded waveform in memory after its first read (float32, 4 bytes
@@ -76,7 +76,8 @@ class CropDataset(torch.utils.data.Dataset):
         stats: FeatureStats | None,
         features_cfg: Mapping | None,
         crop_seconds: float,
-        sample_rate: int = 16000,
+        sample_rate: int,
+        samples_per_unit: int,
         seed: int = 0,
         cache_audio: bool = False,
     ) -> None:
@@ -91,9 +92,12 @@ class CropDataset(torch.utils.data.Dataset):
         if unknown:
             raise ValueError(f"speaker(s) {unknown[:5]} of the manifest are not in `speakers`")
         self.sample_rate = int(sample_rate)
-        self.crop_samples = int(round(crop_seconds * sample_rate)) // UNIT_HOP * UNIT_HOP
+        self.samples_per_unit = int(samples_per_unit)
+        hop = self.samples_per_unit
+        self.crop_samples = int(round(crop_seconds * sample_rate)) // hop * hop
         if self.crop_samples <= 0:
-            raise ValueError(f"crop_seconds {crop_seconds} is shorter than one unit (20 ms)")
+            raise ValueError(f"crop_seconds {crop_seconds} is shorter than one unit "
+                             f"({hop} samples)")
         self.seed = int(seed)
         self.epoch = 0
         self._front = _front_end(stats, features_cfg, self.sample_rate)
@@ -139,7 +143,8 @@ class CropDataset(torch.utils.data.Dataset):
         if self._front is None:
             return None
         if i not in self._states:
-            n = wav.numel() // UNIT_HOP * UNIT_HOP or wav.numel()  # as UtteranceDataset cuts it
+            hop = self.samples_per_unit
+            n = wav.numel() // hop * hop or wav.numel()  # as UtteranceDataset cuts it
             self._states[i] = self._front.measure(wav, n)
         return self._states[i]
 
@@ -162,8 +167,8 @@ class CropDataset(torch.utils.data.Dataset):
 class UtteranceDataset(torch.utils.data.Dataset):
     """Whole utterances in manifest order (validation, test, unit extraction, resynthesis).
 
-    Each utterance is cut to a whole number of units (``T // 320 * 320`` samples: the tail shorter
-    than one unit gets no unit anyway). An unreadable file gives ``None`` (logged once), which
+    Each utterance is cut to a whole number of units (``T // samples_per_unit`` of them: the tail
+    shorter than one unit gets no unit anyway). An unreadable file gives ``None`` (logged once), which
     :func:`collate` drops. A speaker not in ``speakers`` gets id -1.
     """
 
@@ -173,7 +178,8 @@ class UtteranceDataset(torch.utils.data.Dataset):
         speakers: Sequence[str],
         stats: FeatureStats | None,
         features_cfg: Mapping | None,
-        sample_rate: int = 16000,
+        sample_rate: int,
+        samples_per_unit: int,
     ) -> None:
         self.rows = list(rows)
         self.speakers = list(speakers)
@@ -182,6 +188,7 @@ class UtteranceDataset(torch.utils.data.Dataset):
         if unknown:
             log.warning("speaker(s) %s are not among the model's speakers: id -1", unknown[:5])
         self.sample_rate = int(sample_rate)
+        self.samples_per_unit = int(samples_per_unit)
         self._front = _front_end(stats, features_cfg, self.sample_rate)
         self._warned: set[str] = set()
 
@@ -195,7 +202,7 @@ class UtteranceDataset(torch.utils.data.Dataset):
         except AudioError as err:
             _warn_bad(self._warned, err, "skipping it")
             return None
-        n = wav.numel() // UNIT_HOP * UNIT_HOP
+        n = wav.numel() // self.samples_per_unit * self.samples_per_unit
         wav = wav[:n].clone()
         feats = self._front(wav, row.speaker, num_samples=n) if self._front else None
         return _item(row, wav, feats, self._speaker_ids.get(row.speaker, -1), n)
@@ -203,7 +210,8 @@ class UtteranceDataset(torch.utils.data.Dataset):
     def sorted_batches(self, max_seconds: float) -> list[list[int]]:
         """Index batches of similar lengths (longest first) whose padded size stays within
         ``max_seconds`` of audio (a longer utterance gets a batch of its own). Deterministic;
-        use as ``DataLoader(ds, batch_sampler=ds.sorted_batches(s), collate_fn=collate)``."""
+        use as ``DataLoader(ds, batch_sampler=ds.sorted_batches(s), collate_fn=fn)`` with
+        ``fn = functools.partial(collate, samples_per_unit=ds.samples_per_unit)``."""
         limit = max_seconds * self.sample_rate
         order = sorted(range(len(self.rows)), key=lambda i: (-self.rows[i].num_samples, i))
         batches: list[list[int]] = []
@@ -219,24 +227,26 @@ class UtteranceDataset(torch.utils.data.Dataset):
         return batches
 
 
-def collate(items: Sequence[dict | None]) -> dict | None:
-    """Stack items into a batch, zero-padding to the longest; ``None`` items (bad files) are dropped.
+def collate(items: Sequence[dict | None], samples_per_unit: int) -> dict | None:
+    """Stack items into a batch, zero-padding to whole units of the longest; ``None`` items (bad
+    files) are dropped.
 
     Returns ``{"ids": [B], "wav": (B, T), "feats": (B, n_mels, F) (when items have feats),
-    "speaker": (B,) long, "num_samples": (B,) long, "mask": (B, T // 320) bool}`` where ``mask`` marks
-    the valid 50 Hz unit frames; ``None`` when every item was dropped (skip that batch).
+    "speaker": (B,) long, "num_samples": (B,) long, "mask": (B, T // samples_per_unit) bool}``
+    where ``mask`` marks the valid units; ``None`` when every item was dropped (skip that batch).
     """
     items = [it for it in items if it is not None]
     if not items:
         return None
-    longest = max(max(it["wav"].numel() for it in items), UNIT_HOP)
-    t_pad = -(-longest // UNIT_HOP) * UNIT_HOP
+    hop = int(samples_per_unit)
+    longest = max(max(it["wav"].numel() for it in items), hop)
+    t_pad = -(-longest // hop) * hop
     wav = torch.zeros(len(items), t_pad)
     for b, it in enumerate(items):
         wav[b, : it["wav"].numel()] = it["wav"]
     num_samples = torch.tensor([it["num_samples"] for it in items], dtype=torch.long)
-    n_units = t_pad // UNIT_HOP
-    mask = torch.arange(n_units)[None, :] < (num_samples // UNIT_HOP)[:, None]
+    n_units = t_pad // hop
+    mask = torch.arange(n_units)[None, :] < (num_samples // hop)[:, None]
     batch = {
         "ids": [it["id"] for it in items],
         "wav": wav,

@@ -120,7 +120,7 @@ class MelDecoder(_SpeakerDecoder):
         post_blocks: int = 2,
     ) -> None:
         super().__init__(in_channels, channels, n_speakers, speaker_dim, jitter)
-        self.hop_length = 2
+        self.upsampling = 2  # mel frames per unit
         self.pre = _Stage(channels, speaker_dim, kernel_size, pre_blocks)
         kernel, padding = strided_conv_geometry(2)
         self.up = nn.ConvTranspose1d(channels, channels, kernel, stride=2, padding=padding)

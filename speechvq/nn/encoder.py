@@ -2,7 +2,7 @@
 
 Both encoders are padding-safe: normalisation is per frame (over channels only), so padded frames
 of a batch never change the outputs at valid frames beyond a convolution's receptive field. Their
-output lengths are exact: ``U = F // 2`` mel frames or ``U = T // hop_length`` samples, and unit
+output lengths are exact: ``U = F // 2`` mel frames or ``U = T // downsampling`` samples, and unit
 ``j`` is centred over the input it covers (mel frames ``2j, 2j+1``; samples ``[320j, 320j+320)``).
 """
 
@@ -88,7 +88,7 @@ class MelEncoder(nn.Module):
         post_blocks: int = 2,
     ) -> None:
         super().__init__()
-        self.hop_length = 2
+        self.downsampling = 2  # mel frames per unit
         self.out_channels = out_channels
         self.conv_in = nn.Conv1d(in_channels, channels, kernel_size, padding=kernel_size // 2)
         self.pre = nn.Sequential(*[ResidualUnit(channels, kernel_size) for _ in range(pre_blocks)])
@@ -131,7 +131,7 @@ class WaveEncoder(nn.Module):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"channels {channels} and strides {strides} differ in length")
-        self.hop_length = math.prod(strides)
+        self.downsampling = math.prod(strides)  # samples per unit
         self.out_channels = out_channels
         layers: list[nn.Module] = []
         for c_in, c_out, stride in zip([1, *channels[:-1]], channels, strides, strict=True):
@@ -146,8 +146,8 @@ class WaveEncoder(nn.Module):
         )
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav: (B, T) -> z: (B, out_channels, T // hop_length)."""
-        wav = _crop(wav, self.hop_length)
+        """wav: (B, T) -> z: (B, out_channels, T // downsampling)."""
+        wav = _crop(wav, self.downsampling)
         if wav.shape[-1] == 0:  # shorter than one unit: no units (convs reject empty input)
             return wav.new_zeros(wav.shape[0], self.out_channels, 0)
         x = self.blocks(wav.unsqueeze(1))
