@@ -1,5 +1,5 @@
 """The bash recipes: recipes/lib.sh (options, override routing, done-markers) and
-egs/librispeech/run.sh stages 0-1 end to end against a local HTTP server on 127.0.0.1.
+egs/librispeech/run.sh stages -1 and 0 end to end against a local HTTP server on 127.0.0.1.
 
 The LibriSpeech tarball and the server come from tests/test_librispeech.py.
 """
@@ -157,7 +157,7 @@ def test_run_step_skips_what_is_done_and_reruns_what_changed(tmp_path):
     assert runs.read_text().endswith("c\nc\nc\n")
 
 
-# --- egs/librispeech/run.sh, stages 0-1 ---------------------------------------------------------
+# --- egs/librispeech/run.sh, stages -1 and 0 ----------------------------------------------------
 
 
 @pytest.fixture
@@ -167,12 +167,12 @@ def server(tmp_path):
     srv.close()
 
 
-def test_librispeech_recipe_stages_0_and_1(tmp_path, server):
+def test_librispeech_recipe_download_and_prepare_stages(tmp_path, server):
     archive, expected = _make_archive(tmp_path, "dev-clean")
     checksums = _write_checksums(tmp_path / "md5sum.txt", archive)
     work = tmp_path / "work"
     work.mkdir()
-    base = ["--stage", "0", "--stop-stage", "1", "--subsets", "dev-clean", "--data-dir", "data",
+    base = ["--stage", "-1", "--stop-stage", "0", "--subsets", "dev-clean", "--data-dir", "data",
             "--base-url", server.url, "--checksums", str(checksums)]  # fmt: skip
 
     def run(*extra: str) -> subprocess.CompletedProcess:
@@ -197,11 +197,11 @@ def test_librispeech_recipe_stages_0_and_1(tmp_path, server):
     assert len(server.requests) == 1  # the server saw nothing
     assert (manifests / "dev-clean.tsv").stat().st_mtime_ns == mtime
 
-    base[1] = "1"  # --stage 1: the changed option reaches stage 1
+    base[1] = "0"  # --stage 0: the changed option reaches stage 0
     changed = run("prepare:data.stats_utterances_per_speaker=1")
     assert "command changed" in changed.stderr
     assert len(server.requests) == 1  # the corpus is still there: no download
-    assert (manifests / "dev-clean.tsv").stat().st_mtime_ns != mtime  # stage 1 ran again
+    assert (manifests / "dev-clean.tsv").stat().st_mtime_ns != mtime  # stage 0 ran again
 
 
 # --- the whole recipe -------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_librispeech_recipe_runs_to_the_listening_pages(tmp_path, server):
     assert (tmp_path / "exp" / "checkpoints" / "best.pt").is_file()
     assert (tmp_path / "exp" / "units" / "dev-clean.txt").is_file()
     metrics = json.loads((tmp_path / "exp" / "eval" / "valid.json").read_text())
-    assert metrics  # stage 4 ran: the alignments were imported by stage 1
+    assert metrics  # stage 3 ran: the alignments were imported by stage 0
     assert (tmp_path / "exp" / "samples" / "index.html").is_file()
     assert (tmp_path / "exp" / "resynth" / "index.html").is_file()
     assert "listening pages:" in out.stderr

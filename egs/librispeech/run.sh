@@ -2,15 +2,16 @@
 # LibriSpeech: download -> manifests + feature statistics -> VQ-VAE -> units -> unit quality ->
 # prior -> samples and resynthesis on listening pages. Each step is skipped once done (a marker
 # records its command line; a changed option re-runs it).
-#   egs/librispeech/run.sh [--stage 0] [--stop-stage 6] [--subsets "dev-clean train-clean-100"]
+#   egs/librispeech/run.sh [--stage -1] [--stop-stage 6] [--subsets "dev-clean train-clean-100"]
 #       [options] [STAGE:key=value ...] [key=value ...] [-- key=value ...]
-# Stages: 0 download, check md5, extract; 1 manifests (DATA/manifests/<subset>.tsv and
-#   {train,valid,test}.tsv by subset name) + stats.json [+ alignments/]; 2 train the VQ-VAE;
-#   3 units of every subset and split (EXP/units/*.txt); 4 evaluate the valid/test units when
-#   DATA/manifests/alignments/ exists; 5 train the prior on the train units; 6 sample from the prior
-#   and resynthesise valid utterances: listening pages EXP/samples/ and EXP/resynth/index.html.
+# Stages (the same numbers in every egs/*/run.sh; the download comes before them, as -1):
+#   -1 download, check md5, extract; 0 manifests (DATA/manifests/<subset>.tsv and
+#   {train,valid,test}.tsv by subset name) + stats.json [+ alignments/]; 1 train the VQ-VAE;
+#   2 units of every subset and split (EXP/units/*.txt); 3 evaluate the valid/test units when
+#   DATA/manifests/alignments/ exists; 4 train the prior on the train units; 5 sample from the
+#   prior (EXP/samples/index.html); 6 resynthesise valid utterances (EXP/resynth/index.html).
 # Options (default):
-#   --stage N, --stop-stage N  first and last stage to run (0, 6)
+#   --stage N, --stop-stage N  first and last stage to run (-1, 6)
 #   --force true               redo the steps of those stages even when their markers say done
 #   --subsets "A B"            LibriSpeech subsets ("dev-clean train-clean-100")
 #   --data-dir DIR             archives, LibriSpeech/ and manifests/ (data)
@@ -28,7 +29,7 @@ recipes=$(cd "$(dirname "$0")/../../recipes" && pwd)
 # shellcheck source=recipes/lib.sh
 . "$recipes/lib.sh"
 
-stage=0 stop_stage=6 subsets="dev-clean train-clean-100" data_dir=data exp_dir="" checksums=""
+stage=-1 stop_stage=6 subsets="dev-clean train-clean-100" data_dir=data exp_dir="" checksums=""
 base_url=https://www.openslr.org/resources model=mel trainer=gpu nproc=1
 parse_options "$@"
 check_overrides
@@ -47,15 +48,15 @@ has() { [ -f "$manifests/$1.tsv" ]; }
 stage_args prepare
 corpus=(--data librispeech --out "$manifests" "data.subsets=[$(IFS=,; echo "${sets[*]}")]"
         "data.download_dir=$data_dir" "data.base_url=$base_url" ${checksums:+"data.checksums=$checksums"} "${args[@]}")
-if want_stage 0; then "$recipes/prepare.sh" --download-only true "${corpus[@]}"; fi
-if want_stage 1; then "$recipes/prepare.sh" "${corpus[@]}"; fi
-if want_stage 2; then
+if want_stage -1; then "$recipes/prepare.sh" --download-only true "${corpus[@]}"; fi
+if want_stage 0; then "$recipes/prepare.sh" "${corpus[@]}"; fi
+if want_stage 1; then
   stage_args train
   valid=(); if has valid; then valid=(--valid-manifest "$manifests/valid.tsv"); fi
   "$recipes/train.sh" --manifest "$manifests/train.tsv" "${valid[@]}" --model "$model" \
     --out "$exp_dir" --nproc "$nproc" "trainer=$trainer" "${args[@]}"
 fi
-if want_stage 3; then
+if want_stage 2; then
   stage_args extract
   gpus=(); if ((nproc > 1)); then gpus=(--gpus "$(seq -s ' ' 0 $((nproc - 1)))"); fi
   for m in "${sets[@]}" train valid test; do
@@ -65,7 +66,7 @@ if want_stage 3; then
       --out "$exp_dir/units/$m.txt" --nj "$nproc" "${gpus[@]}" "${args[@]}"
   done
 fi
-if want_stage 4; then
+if want_stage 3; then
   stage_args evaluate
   if [ ! -d "$manifests/alignments" ]; then
     log "no $manifests/alignments (prepare:data.alignments=DIR imports MFA TextGrids): skipping"
@@ -77,16 +78,18 @@ if want_stage 4; then
     done
   fi
 fi
-if want_stage 5; then
+if want_stage 4; then
   stage_args prior
   valid=()  # held-out units, unless valid is the train split itself (a dev-only run)
   if has valid && [ "$(split_units valid)" != "$(split_units train)" ]; then valid=(--valid-units "$(split_units valid)"); fi
   "$recipes/train_prior.sh" --units "$(split_units train)" "${valid[@]}" --vqvae "$vqvae" \
     --manifest "$manifests/manifest.tsv" --out "$exp_dir/prior" --nproc "$nproc" "${args[@]}"
 fi
-if want_stage 6; then
+if want_stage 5; then
   stage_args sample
   "$recipes/sample.sh" --vqvae "$vqvae" --prior "$exp_dir/prior/checkpoints/best.pt" --out "$exp_dir/samples" "${args[@]}"
+fi
+if want_stage 6; then
   stage_args resynth
   m=valid; has valid || m=train
   "$recipes/resynth.sh" --checkpoint "$vqvae" --manifest "$manifests/$m.tsv" --out "$exp_dir/resynth" "${args[@]}"

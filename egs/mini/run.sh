@@ -4,10 +4,11 @@
 # resynthesis and voice conversion, on a CPU, with no download. Each step is skipped once done (a
 # marker records its command line; a changed option re-runs it).
 #   egs/mini/run.sh [--stage 0] [--stop-stage 6] [options] [STAGE:key=value ...] [key=value ...]
-# Stages: 0 prepare (DATA/{train,valid,test}.tsv, stats.json, alignments/); 1 train the VQ-VAE;
-#   2 units of every split (EXP/units/<split>.txt); 3 evaluate the test units (EXP/eval/test.json);
-#   4 train the prior; 5 sample from it (EXP/samples/index.html); 6 resynthesise the test
-#   utterances in every voice (EXP/resynth/index.html).
+# Stages (the same numbers in every egs/*/run.sh; the corpus is shipped, so there is no -1
+#   download): 0 prepare (DATA/{train,valid,test}.tsv, stats.json, alignments/); 1 train the
+#   VQ-VAE; 2 units of every split (EXP/units/<split>.txt); 3 evaluate the test units
+#   (EXP/eval/test.json); 4 train the prior; 5 sample from it (EXP/samples/index.html);
+#   6 resynthesise the test utterances in every voice (EXP/resynth/index.html).
 # Options (default):
 #   --stage N, --stop-stage N  first and last stage to run (0, 6)
 #   --force true               redo the steps of those stages even when their markers say done
