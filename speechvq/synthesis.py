@@ -128,6 +128,28 @@ class Synthesizer:
         units = self.vqvae.encode(x)[0]
         return units[: self.num_units(wav.numel())], state
 
+    def units(self, audio: str | Path | Tensor | np.ndarray, speaker: str | None = None
+              ) -> np.ndarray:
+        """An audio file (any rate: resampled, downmixed) or a waveform ``(T,)`` at
+        :attr:`sample_rate` -> its units ``(U,)`` int64, ``U = T // samples_per_unit``.
+
+        ``speaker``: a speaker the model was trained on (or added with :meth:`add_speakers`) is
+        normalised with its statistics; any other utterance with its own.
+        """
+        if isinstance(audio, (str, Path)):
+            wav = load_audio(audio, self.sample_rate)
+        else:
+            wav = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(-1)
+        return self.encode(wav, speaker).cpu().numpy()
+
+    def speak(self, units: Sequence[int] | np.ndarray | Tensor, speaker: str | None = None,
+              seed: int = 0) -> np.ndarray:
+        """Units ``(U,)`` -> a float32 waveform ``(U * samples_per_unit,)`` at :attr:`sample_rate`,
+        in the voice of ``speaker`` (default: the decoder's first speaker)."""
+        voice = self.speakers[0] if speaker is None else str(speaker)
+        ids = torch.as_tensor(np.asarray(units), dtype=torch.long).reshape(-1)
+        return self.decode(ids, voice, seed=seed).numpy()
+
     @torch.no_grad()
     def decode(self, units: Tensor, speakers: str | Sequence[str], seed: int = 0,
                state: UtteranceState | None = None) -> Tensor:
