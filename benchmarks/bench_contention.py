@@ -46,7 +46,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-WARMUP_STEPS = 20  # as speechvq.training.Throughput: the first steps set up kernels and caches
+WARMUP_STEPS = 20  # as speechvq.runtime.Throughput: the first steps set up kernels and caches
 BASELINE = ("unset", "auto")
 OMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "OMP_DISPLAY_ENV")

@@ -31,6 +31,7 @@ Module map (imports point one way, down this list):
 ``vocoder``                 log-mels -> waveform (Griffin-Lim)
 ``nn``                      pure torch modules: quantizer, encoder, decoder, prior, CPC head
 ``features``                LogMel and the one front-end; the one statistics policy
+``stats``                   normalisation statistics: moments, ``stats.json`` (FeatureStats)
 ``data``                    manifests, corpora (folder, mini, LibriSpeech), downloads,
                             how every corpus ends (``data.prepare``), datasets, alignments
 ``audio``                   load/save audio: mono, resampling, validation -> AudioError

@@ -1,4 +1,4 @@
-"""The process: thread policy (set before torch is imported), device, ranks and seeding.
+"""The process: thread policy (set before torch is imported), device, ranks, seeding, speed.
 
 This module imports no torch at its top level: :mod:`speechvq` imports it first, and it must run
 before torch loads. The helpers that need torch (:func:`resolve_device`, :func:`seed_everything`,
@@ -32,14 +32,19 @@ Check what libgomp took: ``OMP_DISPLAY_ENV=VERBOSE python -c "import speechvq, t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import random
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily: see the module docstring
     import torch
+    from torch import nn
 
 #: What speechvq sets when the user set none of :data:`USER_KEYS`.
 DEFAULT_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -143,3 +148,192 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------ the torchrun group
+
+
+
+
+class ReplicaDriftError(RuntimeError):
+    """DDP replicas whose parameters or buffers differ: statistics were not all-reduced."""
+
+
+@dataclass
+class DistInfo:
+    """This process in a ``torchrun`` job (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owned: bool = False  # this module started the process group and ends it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the ``torchrun`` process group from its env vars (gloo on CPU, nccl on CUDA).
+
+    Without ``WORLD_SIZE > 1`` in the environment this is a single process and does nothing.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if world_size() <= 1:
+        return DistInfo()
+    gpu = local_rank()
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), gpu, owned=False)
+    use_cuda = resolve_device(device, gpu).type == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(gpu)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), gpu, owned=True)
+
+
+def state_checksums(module: nn.Module) -> dict[str, str]:
+    """sha256 (16 hex) of every parameter and buffer: equal on all DDP replicas or a bug."""
+    import torch
+
+    out = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        out[name] = hashlib.sha256(data.tobytes()).hexdigest()[:16]
+    return out
+
+
+def replica_checksum(module: nn.Module) -> str:
+    """One checksum over every parameter and buffer (the ``"replicas"`` entries of a checkpoint)."""
+    return _combine(state_checksums(module))
+
+
+def _combine(checksums: dict[str, str]) -> str:
+    joined = "".join(f"{k}={checksums[k]};" for k in sorted(checksums))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def verify_replicas(module: nn.Module, info: DistInfo) -> list[str]:
+    """Compare parameters and buffers (EMA codebooks included) across ranks; raise if they drift.
+
+    Returns every rank's :func:`replica_checksum` (saved in the checkpoint as ``"replicas"``).
+    """
+    mine = state_checksums(module)
+    total = _combine(mine)
+    if not info.enabled:
+        return [total]
+    import torch.distributed as dist
+
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, (total, mine))
+    totals = [g[0] for g in gathered]
+    if len(set(totals)) > 1:
+        diff = sorted(k for k in mine if len({g[1].get(k) for g in gathered}) > 1)
+        raise ReplicaDriftError(
+            f"DDP replicas drifted apart: {len(diff)} tensors differ across ranks "
+            f"(first: {diff[:5]}); codebook statistics must be all-reduced/broadcast"
+        )
+    return totals
+
+
+# --------------------------------------------------------------------------- training speed
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+class Throughput:
+    """Training speed of one run, for the logs only (wall-clock data never reaches the training,
+    so exact resume is untouched).
+
+    Training time is wall time less the time spent in :meth:`pause` blocks (validation, media,
+    checkpoints). The *first window* starts after :attr:`WARMUP_STEPS` and lasts at least
+    :attr:`WINDOW_STEPS` steps and :attr:`WINDOW_SECONDS`; after it, every stretch of at least
+    :attr:`CHECK_SECONDS` (and :attr:`CHECK_STEPS`) is compared with it, and the first one below
+    :attr:`SLOW_RATIO` of the first window's rate gives one warning (:meth:`update`).
+    """
+
+    WARMUP_STEPS = 20  # kernel selection, allocator and cache warm-up: not representative
+    WINDOW_STEPS = 100
+    WINDOW_SECONDS = 10.0
+    CHECK_STEPS = 5
+    CHECK_SECONDS = 20.0  # long enough that a GC pause or a new epoch's data workers do not count
+    SLOW_RATIO = 0.5
+
+    def __init__(self, step: int, now: float) -> None:
+        self.start_step, self.start = step, now
+        self.paused = 0.0
+        self.step = step
+        self.train_seconds = 0.0
+        self.first: tuple[int, int, float] | None = None  # (from step, to step, steps/s)
+        self.warned = False
+        self._mark: tuple[int, float] | None = None  # (step, training time) where a stretch began
+
+    @property
+    def rate(self) -> float:
+        """Steps per second of training time over the whole run so far."""
+        return (self.step - self.start_step) / max(self.train_seconds, 1e-9)
+
+    @property
+    def first_rate(self) -> float | None:
+        return self.first[2] if self.first else None
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Time spent in the block is not training time (validation, media, checkpoints)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused += time.monotonic() - t0
+
+    def update(self, step: int, now: float) -> str | None:
+        """Note that ``step`` ended at ``now``; the slowdown warning (once per run), or None."""
+        self.step, self.train_seconds = step, now - self.start - self.paused
+        t = self.train_seconds
+        if self._mark is None:
+            if step - self.start_step >= self.WARMUP_STEPS:
+                self._mark = (step, t)
+            return None
+        done, seconds = step - self._mark[0], t - self._mark[1]
+        if seconds < (self.WINDOW_SECONDS if self.first is None else self.CHECK_SECONDS):
+            return None
+        if done < (self.WINDOW_STEPS if self.first is None else self.CHECK_STEPS):
+            return None
+        recent = done / max(seconds, 1e-9)
+        since = self._mark[0]
+        self._mark = (step, t)
+        if self.first is None:
+            self.first = (since, step, recent)
+            return None
+        if self.warned or recent >= self.SLOW_RATIO * self.first[2]:
+            return None
+        self.warned = True
+        a, b, first = self.first
+        return (
+            f"training slowed down: {recent:.3g} steps/s over steps {since}-{step}, "
+            f"{recent / first:.0%} of the {first:.3g} steps/s of its first window (steps {a}-{b}). "
+            "Another process is probably using the CPU (or GPU); a time-limited run "
+            "(trainer.max_minutes) will reach fewer steps. "
+            f"[torch threads: {_torch_threads()}; {THREAD_POLICY}]"
+        )
+
+    def summary(self, now: float) -> str:
+        """The end-of-run line: steps, minutes, steps/s (and the first window's)."""
+        steps = self.step - self.start_step
+        line = (f"trained {steps} step{'s' * (steps != 1)} in {(now - self.start) / 60:.1f} min: "
+                f"{self.rate:.3g} steps/s")
+        if self.first is not None:
+            line += f" (first window: {self.first[2]:.3g} steps/s)"
+        if self.paused > 0.05 * max(now - self.start, 1e-9):
+            line += (f"; validation, media and checkpoints took {self.paused / 60:.1f} min of it "
+                     "(not counted in steps/s)")
+        return line

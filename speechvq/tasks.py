@@ -25,11 +25,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torch.utils.tensorboard import SummaryWriter
 
 from speechvq.audio import AudioError
 from speechvq.checkpoint import VQVAEMeta
@@ -55,6 +57,47 @@ from speechvq.vocoder import griffin_lim
 from speechvq.vqvae import build_vqvae
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What :func:`speechvq.training.fit` needs from a model family (the VQ-VAE task, the prior task).
+
+    Attributes:
+        kind: the checkpoint kind, ``"vqvae"`` or ``"prior"``.
+        model: the ``nn.Module`` to train, built on CPU; ``fit`` moves it to the device.
+        model_config: the builder's kwargs as plain data: rebuilds ``model`` from the checkpoint.
+        meta: plain data saved in every checkpoint (speakers, stats, frame rate, ...).
+        train_set: map-style dataset; if it has ``set_epoch(epoch)`` fit calls it every epoch.
+            Items must be a pure function of (index, epoch) for exact resume.
+        valid_set: map-style dataset or ``None`` (then ``best.pt`` tracks the training loss).
+    """
+
+    kind: str
+    model: nn.Module
+    model_config: dict
+    meta: dict
+    train_set: Dataset
+    valid_set: Dataset | None
+
+    def collate(self, items: list) -> dict | None:
+        """Items of ``train_set`` / ``valid_set`` -> one batch (a dict of tensors and lists);
+        ``None`` skips the batch (e.g. every file unreadable; under DDP only in validation)."""
+        ...
+
+    def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        """One forward pass on a batch already on the device (under autocast).
+
+        ``model`` is the task's model, wrapped in DDP under ``torchrun``; ``model.training`` says
+        whether this is a training or a validation step (validation runs under ``no_grad``).
+        Returns scalars: ``"loss"`` (what is minimised) plus any losses and stats to log.
+        """
+        ...
+
+    def log_media(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:
+        """Write images / audio to TensorBoard (rank 0, eval mode, no_grad)."""
+        ...
+
 
 
 class VQVAETask:

@@ -1,6 +1,6 @@
 """One fit loop for every speechvq model: the VQ-VAE now, the unit prior later.
 
-A model family plugs in through the small :class:`Task` protocol; :func:`fit` does the rest:
+A model family plugs in through the small :class:`speechvq.tasks.Task` protocol; :func:`fit` does the rest:
 AdamW/Adam with warmup + cosine (or constant) learning rate, gradient clipping, CUDA autocast
 (bf16, or fp16 with a GradScaler), ``torchrun`` DDP (gloo on CPU, nccl on GPU), a tqdm bar,
 TensorBoard scalars and media, validation, ``checkpoints/{last,best}.pt`` and exact resume.
@@ -22,7 +22,6 @@ same folder is refused at once; temp files of killed checkpoint writes are remov
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import logging
 import math
@@ -31,17 +30,16 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from speechvq import runtime
 from speechvq.checkpoint import (
     OutputLock,
     capture_rng,
@@ -50,8 +48,20 @@ from speechvq.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from speechvq.data.dataset import train_batches, valid_batches
 from speechvq.files import write_error
-from speechvq.runtime import resolve_device, seed_everything
+from speechvq.runtime import (
+    DistInfo,
+    ReplicaDriftError,
+    Throughput,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+    verify_replicas,
+)
+
+if TYPE_CHECKING:  # tasks.py imports fit from here
+    from speechvq.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -60,46 +70,6 @@ LOCK_FILE = ".lock"  # in the run folder: one writer per run (see run_lock)
 
 class TrainingError(Exception):
     """A training run that cannot start or go on; the message says what to change."""
-
-
-@runtime_checkable
-class Task(Protocol):
-    """What :func:`fit` needs from a model family (the VQ-VAE task, the prior task).
-
-    Attributes:
-        kind: the checkpoint kind, ``"vqvae"`` or ``"prior"``.
-        model: the ``nn.Module`` to train, built on CPU; ``fit`` moves it to the device.
-        model_config: the builder's kwargs as plain data: rebuilds ``model`` from the checkpoint.
-        meta: plain data saved in every checkpoint (speakers, stats, frame rate, ...).
-        train_set: map-style dataset; if it has ``set_epoch(epoch)`` fit calls it every epoch.
-            Items must be a pure function of (index, epoch) for exact resume.
-        valid_set: map-style dataset or ``None`` (then best.pt tracks the training loss).
-    """
-
-    kind: str
-    model: nn.Module
-    model_config: dict
-    meta: dict
-    train_set: Dataset
-    valid_set: Dataset | None
-
-    def collate(self, items: list) -> dict | None:
-        """Items of ``train_set`` / ``valid_set`` -> one batch (a dict of tensors and lists);
-        ``None`` skips the batch (e.g. every file unreadable; under DDP only in validation)."""
-        ...
-
-    def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
-        """One forward pass on a batch already on the device (under autocast).
-
-        ``model`` is the task's model, wrapped in DDP under ``torchrun``; ``model.training`` says
-        whether this is a training or a validation step (validation runs under ``no_grad``).
-        Returns scalars: ``"loss"`` (what is minimised) plus any losses and stats to log.
-        """
-        ...
-
-    def log_media(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:
-        """Write images / audio to TensorBoard (rank 0, eval mode, no_grad)."""
-        ...
 
 
 @dataclass
@@ -150,111 +120,7 @@ class TrainerConfig:
         return tc
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owned: bool = False  # this module started the process group and ends it
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the ``torchrun`` process group from its env vars (gloo on CPU, nccl on CUDA).
-
-    Without ``WORLD_SIZE > 1`` in the environment this is a single process and does nothing.
-    """
-    if runtime.world_size() <= 1:
-        return DistInfo()
-    local_rank = runtime.local_rank()
-    if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=False)
-    use_cuda = resolve_device(device, local_rank).type == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owned=True)
-
-
-def state_checksums(module: nn.Module) -> dict[str, str]:
-    """sha256 (16 hex) of every parameter and buffer: equal on all DDP replicas or a bug."""
-    out = {}
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-        out[name] = hashlib.sha256(data.tobytes()).hexdigest()[:16]
-    return out
-
-
-def replica_checksum(module: nn.Module) -> str:
-    """One checksum over every parameter and buffer (the ``"replicas"`` entries of a checkpoint)."""
-    return _combine(state_checksums(module))
-
-
-def _combine(checksums: dict[str, str]) -> str:
-    joined = "".join(f"{k}={checksums[k]};" for k in sorted(checksums))
-    return hashlib.sha256(joined.encode()).hexdigest()[:16]
-
-
-def verify_replicas(module: nn.Module, info: DistInfo) -> list[str]:
-    """Compare parameters and buffers (EMA codebooks included) across ranks; raise if they drift.
-
-    Returns every rank's :func:`replica_checksum` (saved in the checkpoint as ``"replicas"``).
-    """
-    mine = state_checksums(module)
-    total = _combine(mine)
-    if not info.enabled:
-        return [total]
-    gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, (total, mine))
-    totals = [g[0] for g in gathered]
-    if len(set(totals)) > 1:
-        diff = sorted(k for k in mine if len({g[1].get(k) for g in gathered}) > 1)
-        raise TrainingError(
-            f"DDP replicas drifted apart: {len(diff)} tensors differ across ranks "
-            f"(first: {diff[:5]}); codebook statistics must be all-reduced/broadcast"
-        )
-    return totals
-
-
-# --------------------------------------------------------------------------- data order
-
-
-def train_batches(
-    n_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
-) -> list[list[int]]:
-    """One epoch of training batches for one rank: a permutation from (seed, epoch), cut into
-    ``world_size * batch_size`` blocks (the last partial block dropped) and sharded by rank, so
-    every rank gets the same number of batches and the order is reproducible for resume."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n_items, generator=gen).tolist()
-    block = world_size * batch_size
-    return [
-        order[start + rank * batch_size : start + (rank + 1) * batch_size]
-        for start in range(0, n_items - block + 1, block)
-    ]
-
-
-def valid_batches(
-    n_items: int, batch_size: int, rank: int = 0, world_size: int = 1
-) -> list[list[int]]:
-    """Validation batches in dataset order, sharded by rank; the index list is padded by
-    wrapping around so every rank runs the same number of batches."""
-    if n_items == 0:
-        return []
-    per_rank = math.ceil(n_items / world_size)
-    padded = [i % n_items for i in range(per_rank * world_size)]
-    mine = padded[rank::world_size]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+# --------------------------------------------------------------------------- batches
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -315,95 +181,6 @@ def _ignore_sigint(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group: the main process stops cleanly after the
     # current step, so data workers must not die under it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class Throughput:
-    """Training speed of one run, for the logs only (wall-clock data never reaches the training,
-    so exact resume is untouched).
-
-    Training time is wall time less the time spent in :meth:`pause` blocks (validation, media,
-    checkpoints). The *first window* starts after :attr:`WARMUP_STEPS` and lasts at least
-    :attr:`WINDOW_STEPS` steps and :attr:`WINDOW_SECONDS`; after it, every stretch of at least
-    :attr:`CHECK_SECONDS` (and :attr:`CHECK_STEPS`) is compared with it, and the first one below
-    :attr:`SLOW_RATIO` of the first window's rate gives one warning (:meth:`update`).
-    """
-
-    WARMUP_STEPS = 20  # kernel selection, allocator and cache warm-up: not representative
-    WINDOW_STEPS = 100
-    WINDOW_SECONDS = 10.0
-    CHECK_STEPS = 5
-    CHECK_SECONDS = 20.0  # long enough that a GC pause or a new epoch's data workers do not count
-    SLOW_RATIO = 0.5
-
-    def __init__(self, step: int, now: float) -> None:
-        self.start_step, self.start = step, now
-        self.paused = 0.0
-        self.step = step
-        self.train_seconds = 0.0
-        self.first: tuple[int, int, float] | None = None  # (from step, to step, steps/s)
-        self.warned = False
-        self._mark: tuple[int, float] | None = None  # (step, training time) where a stretch began
-
-    @property
-    def rate(self) -> float:
-        """Steps per second of training time over the whole run so far."""
-        return (self.step - self.start_step) / max(self.train_seconds, 1e-9)
-
-    @property
-    def first_rate(self) -> float | None:
-        return self.first[2] if self.first else None
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        """Time spent in the block is not training time (validation, media, checkpoints)."""
-        t0 = time.monotonic()
-        try:
-            yield
-        finally:
-            self.paused += time.monotonic() - t0
-
-    def update(self, step: int, now: float) -> str | None:
-        """Note that ``step`` ended at ``now``; the slowdown warning (once per run), or None."""
-        self.step, self.train_seconds = step, now - self.start - self.paused
-        t = self.train_seconds
-        if self._mark is None:
-            if step - self.start_step >= self.WARMUP_STEPS:
-                self._mark = (step, t)
-            return None
-        done, seconds = step - self._mark[0], t - self._mark[1]
-        if seconds < (self.WINDOW_SECONDS if self.first is None else self.CHECK_SECONDS):
-            return None
-        if done < (self.WINDOW_STEPS if self.first is None else self.CHECK_STEPS):
-            return None
-        recent = done / max(seconds, 1e-9)
-        since = self._mark[0]
-        self._mark = (step, t)
-        if self.first is None:
-            self.first = (since, step, recent)
-            return None
-        if self.warned or recent >= self.SLOW_RATIO * self.first[2]:
-            return None
-        self.warned = True
-        a, b, first = self.first
-        return (
-            f"training slowed down: {recent:.3g} steps/s over steps {since}-{step}, "
-            f"{recent / first:.0%} of the {first:.3g} steps/s of its first window (steps {a}-{b}). "
-            "Another process is probably using the CPU (or GPU); a time-limited run "
-            "(trainer.max_minutes) will reach fewer steps. "
-            f"[torch threads: {torch.get_num_threads()}; {runtime.THREAD_POLICY}]"
-        )
-
-    def summary(self, now: float) -> str:
-        """The end-of-run line: steps, minutes, steps/s (and the first window's)."""
-        steps = self.step - self.start_step
-        line = (f"trained {steps} step{'s' * (steps != 1)} in {(now - self.start) / 60:.1f} min: "
-                f"{self.rate:.3g} steps/s")
-        if self.first is not None:
-            line += f" (first window: {self.first[2]:.3g} steps/s)"
-        if self.paused > 0.05 * max(now - self.start, 1e-9):
-            line += (f"; validation, media and checkpoints took {self.paused / 60:.1f} min of it "
-                     "(not counted in steps/s)")
-        return line
 
 
 class _StopFlag:
@@ -875,7 +652,10 @@ class _Loop:
 
     def _save(self, best: bool = False, final: bool = False) -> None:
         """Write last.pt (or best.pt): collective under DDP (replica check, RNG gather)."""
-        replicas = verify_replicas(self.raw, self.info)
+        try:
+            replicas = verify_replicas(self.raw, self.info)
+        except ReplicaDriftError as err:
+            raise TrainingError(str(err)) from None
         mine = {"rng": capture_rng(), "log": self._log_state()}
         if self.info.enabled:
             ranks: list[Any] = [None] * self.info.world_size

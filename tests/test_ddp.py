@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from speechvq.checkpoint import load_checkpoint
-from speechvq.training import DistInfo, TrainingError, replica_checksum, verify_replicas
+from speechvq.runtime import DistInfo, ReplicaDriftError, replica_checksum, verify_replicas
 from speechvq.vqvae import load_vqvae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,7 +82,7 @@ def _drift_worker(rank: int, port: int, result_dir: str) -> None:
         try:
             verify_replicas(module, info)
             outcome = "no error"
-        except TrainingError as err:
+        except ReplicaDriftError as err:
             outcome = str(err)
         Path(result_dir, f"rank{rank}.txt").write_text(outcome)
     finally:

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from speechvq import runtime, training
-from speechvq.training import Throughput, fit
+from speechvq.runtime import Throughput
+from speechvq.training import fit
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -32,6 +33,17 @@ def test_policy_is_set_unless_the_user_chose() -> None:
         assert "from the environment" in runtime.apply_thread_policy(env, torch_loaded=False)
         assert env == user
     assert "too late" in runtime.apply_thread_policy({}, torch_loaded=True)
+
+
+def test_runtime_itself_imports_no_torch() -> None:
+    """The module the package imports first must not load torch (the policy comes before it)."""
+    path = Path(runtime.__file__)
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('rt', {str(path)!r})\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['rt'] = m\n"
+            "spec.loader.exec_module(m); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def _spincount(code: str, **env: str) -> str:
@@ -151,6 +163,7 @@ def test_fit_logs_speed_and_warns_once_when_it_drops(tmp_path: Path, monkeypatch
                                                      slow_from: int) -> None:
     clock = _FakeTime()
     monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(runtime, "time", clock)  # Throughput.pause
     with caplog.at_level(logging.INFO, logger="speechvq.training"):
         out = fit(_ClockTask(clock, slow_from), _trainer(), tmp_path / "run", device="cpu")
     assert out["step"] == 300

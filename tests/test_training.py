@@ -14,14 +14,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from speechvq.checkpoint import load_checkpoint
+from speechvq.data.dataset import train_batches, valid_batches
+from speechvq.tasks import Task
 from speechvq.training import (
-    Task,
     TrainerConfig,
     TrainingError,
     fit,
     lr_factor,
-    train_batches,
-    valid_batches,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -16,6 +16,7 @@ crops, replaced by another utterance chosen deterministically; whole-utterance i
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -262,3 +263,34 @@ def collate(items: Sequence[dict | None], samples_per_unit: int) -> dict | None:
             feats[b, :, : it["feats"].shape[-1]] = it["feats"]
         batch["feats"] = feats
     return batch
+
+
+# --- the fit loop's batches: a pure function of (seed, epoch, rank), for exact resume -----------
+
+
+def train_batches(
+    n_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """One epoch of training batches for one rank: a permutation from (seed, epoch), cut into
+    ``world_size * batch_size`` blocks (the last partial block dropped) and sharded by rank, so
+    every rank gets the same number of batches and the order is reproducible for resume."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_items, generator=gen).tolist()
+    block = world_size * batch_size
+    return [
+        order[start + rank * batch_size : start + (rank + 1) * batch_size]
+        for start in range(0, n_items - block + 1, block)
+    ]
+
+
+def valid_batches(
+    n_items: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """Validation batches in dataset order, sharded by rank; the index list is padded by
+    wrapping around so every rank runs the same number of batches."""
+    if n_items == 0:
+        return []
+    per_rank = math.ceil(n_items / world_size)
+    padded = [i % n_items for i in range(per_rank * world_size)]
+    mine = padded[rank::world_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
