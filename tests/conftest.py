@@ -120,3 +120,92 @@ def save_vqvae() -> Callable[..., Path]:
         return path
 
     return save
+
+
+# ------------------------------------------------------------ synthesis and prior test fixtures
+
+SPEAKERS = ("alice", "bob")
+TINY_PRIOR = dict(block_size=256, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_vqvae(tiny_vqvae_cfg, save_vqvae) -> Callable[..., Path]:
+    """``tiny_vqvae(path, speakers=("alice", "bob"), n_codes=32)``: a randomly initialised mel
+    VQ-VAE (codebook spread so encoding uses several codes, speech-like statistics per speaker)
+    saved as a checkpoint; returns ``path``."""
+    from speechvq.features import Moments
+    from speechvq.vqvae import build_vqvae
+
+    def make(path: Path, speakers: Sequence[str] = SPEAKERS, n_codes: int = 32) -> Path:
+        cfg = tiny_vqvae_cfg("mel", n_codes=n_codes)
+        torch.manual_seed(0)
+        model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=len(speakers))
+        with torch.no_grad():
+            model.quantizer.codebook.normal_()
+        n_mels = cfg["features"]["n_mels"]
+        level = torch.linspace(-3.0, -9.0, n_mels)  # a speech-like spectral tilt, in log power
+        stats = FeatureStats(cfg["features"], Moments(level, torch.full((n_mels,), 1.5), 1000), {
+            s: Moments(level + i, torch.full((n_mels,), 1.0 + i), 500)
+            for i, s in enumerate(speakers)})
+        return save_vqvae(path, model, cfg, speakers, stats)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_prior() -> Callable[..., Path]:
+    """``tiny_prior(path, n_codes=32, speakers=("alice", "bob"))``: an untrained prior checkpoint."""
+    from speechvq.prior import build_prior, prior_model_config
+
+    def make(path: Path, n_codes: int = 32, speakers: Sequence[str] = SPEAKERS) -> Path:
+        torch.manual_seed(1)
+        prior = build_prior(TINY_PRIOR, n_codes, len(speakers))
+        save_checkpoint(path, {
+            "kind": "prior", "model_config": prior_model_config(prior),
+            "meta": {"speakers": list(speakers), "n_codes": n_codes},
+            "model": prior.state_dict(), "step": 0,
+        })
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tone_corpus() -> Callable[..., Path]:
+    """``tone_corpus(folder, n=4, seconds=1.0)``: harmonic tones + noise, alternating speakers
+    alice and bob, as WAVs and ``folder/manifest.tsv``; returns the manifest."""
+    import numpy as np
+
+    from speechvq.audio import save_audio
+    from speechvq.data.manifest import ManifestRow, write_manifest
+
+    def make(folder: Path, n: int = 4, seconds: float = 1.0) -> Path:
+        rows = []
+        rng = np.random.default_rng(0)
+        t = np.arange(int(16000 * seconds)) / 16000
+        for i in range(n):
+            f0 = 100 + 40 * i
+            wav = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)) * 0.1
+            wav = (wav + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+            path = folder / "audio" / f"utt{i}.wav"
+            save_audio(path, wav, 16000)
+            rows.append(ManifestRow(f"utt{i}", str(path), t.size, SPEAKERS[i % 2]))
+        write_manifest(folder / "manifest.tsv", rows)
+        return folder / "manifest.tsv"
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., Any]:
+    """``run_cli(args, cwd)``: a console script in a subprocess (one thread); it must succeed."""
+    import subprocess
+
+    def run(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    return run

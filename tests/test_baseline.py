@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from speechvq import units as U
 from speechvq.audio import save_audio
@@ -30,10 +29,6 @@ PHONES = {"a": 500.0, "e": 1500.0, "i": 3000.0}  # one tone per "phone"
 SPEAKERS = {"s1": 1.0, "s2": 1.12, "s3": 0.9}  # a speaker shifts every tone
 
 
-
-
-def _features() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +76,8 @@ def _perfect_units(root: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- MFCC features
 
 
-def test_mfcc_frames_match_the_units_and_the_logmel_framing():
-    feats_cfg = _features()
+def test_mfcc_frames_match_the_units_and_the_logmel_framing(features_cfg):
+    feats_cfg = dict(features_cfg)
     mfcc = MfccUnitsFeatures(feats_cfg, unit_rate=50.0, n_mfcc=13, pool="mean")
     logmel = build_logmel(feats_cfg)
     for n in (320, 959, 16000, 16321):
@@ -98,17 +93,17 @@ def test_mfcc_frames_match_the_units_and_the_logmel_framing():
         MfccUnitsFeatures(feats_cfg, unit_rate=30.0, n_mfcc=13, pool="mean")
 
 
-def test_kmeans_baseline_finds_the_tones(corpus):
+def test_kmeans_baseline_finds_the_tones(corpus, features_cfg):
     from speechvq.data.alignments import load_alignments
     from speechvq.metrics import unit_metrics
 
     rows = read_manifest(corpus / "manifest.tsv")
-    model = MfccKmeans(_features(), 50.0, n_clusters=4, seed=0).fit(rows, progress=False)
+    model = MfccKmeans(dict(features_cfg), 50.0, n_clusters=4, seed=0).fit(rows, progress=False)
     units = model.transform(rows, progress=False)
     assert all(len(units[r.id]) == r.num_samples // 320 for r in rows)
     m = unit_metrics(units, load_alignments(corpus / "ali"), 50.0, n_codes=4)
     assert m["pnmi"] > 0.7 and m["phone_purity"] > 0.85
-    again = MfccKmeans(_features(), 50.0, n_clusters=4, seed=0).fit(rows, progress=False)
+    again = MfccKmeans(dict(features_cfg), 50.0, n_clusters=4, seed=0).fit(rows, progress=False)
     assert all(np.array_equal(units[k], v) for k, v in again.transform(rows, False).items())
 
 

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from speechvq import units as U
 from speechvq.audio import save_audio
-from speechvq.checkpoint import checkpoint_hash, save_checkpoint
+from speechvq.checkpoint import checkpoint_hash
 from speechvq.cli import evaluate
 from speechvq.cli._hydra import StageError, conf_dir
 from speechvq.data.alignments import Interval, frame_labels, write_phn
@@ -64,29 +63,19 @@ def corpus(tmp_path_factory):
     return root, units
 
 
-def _checkpoint(path: Path, codes: np.ndarray) -> Path:
-    """A tiny untrained VQ-VAE whose codebook is ``codes (N_CODES, DIM)``."""
-    cfg = OmegaConf.create({
-        "features": OmegaConf.load(CONF / "features" / "logmel.yaml"),
-        "model": OmegaConf.load(CONF / "model" / "mel.yaml"),
-        "quantizer": OmegaConf.load(CONF / "quantizer" / "ema.yaml"),
-    })
-    cfg.model.encoder.channels = cfg.model.decoder.channels = 8
-    cfg.model.encoder.out_channels = cfg.model.decoder.speaker_dim = DIM
-    cfg.quantizer.n_codes = N_CODES
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    model = build_vqvae(plain["model"], plain["quantizer"], n_speakers=len(SPEAKERS))
-    model.quantizer.codebook.copy_(torch.as_tensor(codes, dtype=torch.float32))
-    model.quantizer.inited.fill_(True)
-    save_checkpoint(path, {
-        "kind": "vqvae",
-        "model_config": {"model": plain["model"], "quantizer": plain["quantizer"],
-                         "n_speakers": len(SPEAKERS)},
-        "meta": {"features": plain["features"], "unit_rate": 50.0, "n_codes": N_CODES},
-        "model": model.state_dict(),
-        "step": 0,
-    })
-    return path
+@pytest.fixture(scope="session")
+def codebook_ckpt(tiny_vqvae_cfg, save_vqvae):
+    """``codebook_ckpt(path, codes)``: a tiny untrained VQ-VAE whose codebook is ``codes``
+    ``(N_CODES, DIM)``, saved as a checkpoint."""
+
+    def make(path: Path, codes: np.ndarray) -> Path:
+        cfg = tiny_vqvae_cfg("mel", n_codes=N_CODES, channels=8, dim=DIM)
+        model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=len(SPEAKERS))
+        model.quantizer.codebook.copy_(torch.as_tensor(codes, dtype=torch.float32))
+        model.quantizer.inited.fill_(True)
+        return save_vqvae(path, model, cfg, SPEAKERS)
+
+    return make
 
 
 def _distinct_codes() -> np.ndarray:
@@ -115,9 +104,9 @@ def _run(overrides: list[str]) -> int:
     return evaluate.run(cfg)
 
 
-def test_cli_reports_codevec_abx_for_both_systems(corpus, tmp_path):
+def test_cli_reports_codevec_abx_for_both_systems(corpus, tmp_path, codebook_ckpt):
     root, units = corpus
-    ckpt = _checkpoint(tmp_path / "best.pt", _distinct_codes())
+    ckpt = codebook_ckpt(tmp_path / "best.pt", _distinct_codes())
     unit_file = _unit_file(tmp_path, units, {"checkpoint": str(ckpt),
                                              "checkpoint_hash": checkpoint_hash(ckpt)})
     proc = subprocess.run(
@@ -140,9 +129,9 @@ def test_cli_reports_codevec_abx_for_both_systems(corpus, tmp_path):
         assert 0.0 <= base[key] <= 1.0
 
 
-def test_codebook_override_is_used(corpus, tmp_path):
+def test_codebook_override_is_used(corpus, tmp_path, codebook_ckpt):
     root, units = corpus
-    ckpt = _checkpoint(tmp_path / "parallel.pt", _parallel_codes())
+    ckpt = codebook_ckpt(tmp_path / "parallel.pt", _parallel_codes())
     unit_file = _unit_file(tmp_path, units, {})  # no checkpoint in the sidecar
     out = tmp_path / "m.json"
     assert _run([f"units={unit_file}", f"alignments={root / 'ali'}",
@@ -153,7 +142,7 @@ def test_codebook_override_is_used(corpus, tmp_path):
     assert m["abx_within_codevec"] == m["abx_across_codevec"] == 0.5  # parallel codes: ties
 
 
-def test_codevec_abx_is_skipped_without_a_usable_checkpoint(corpus, tmp_path, caplog):
+def test_codevec_abx_is_skipped_without_a_usable_checkpoint(corpus, tmp_path, caplog, codebook_ckpt):
     root, units = corpus
     args = [f"alignments={root / 'ali'}", f"data.manifest={root / 'manifest.tsv'}",
             "baseline.enabled=false", f"out={tmp_path / 'm.json'}"]
@@ -163,7 +152,7 @@ def test_codevec_abx_is_skipped_without_a_usable_checkpoint(corpus, tmp_path, ca
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert "abx_within_codevec" not in metrics and metrics["abx_within"] == 0.0
     # a checkpoint overwritten since extraction: its codebook no longer names these units
-    ckpt = _checkpoint(tmp_path / "best.pt", _distinct_codes())
+    ckpt = codebook_ckpt(tmp_path / "best.pt", _distinct_codes())
     unit_file = _unit_file(tmp_path, units, {"checkpoint": str(ckpt), "checkpoint_hash": "0" * 16})
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="speechvq.baseline"):
@@ -172,7 +161,7 @@ def test_codevec_abx_is_skipped_without_a_usable_checkpoint(corpus, tmp_path, ca
     assert "abx_across_codevec" not in json.loads((tmp_path / "m.json").read_text())["metrics"]
 
 
-def test_errors_name_counts_examples_and_codebook_size(corpus, tmp_path):
+def test_errors_name_counts_examples_and_codebook_size(corpus, tmp_path, codebook_ckpt):
     root, units = corpus
     unit_file = _unit_file(tmp_path, {"nobody": np.array([1, 2]), "nobody2": np.array([1])}, {})
     with pytest.raises(StageError) as err:
@@ -181,7 +170,7 @@ def test_errors_name_counts_examples_and_codebook_size(corpus, tmp_path):
     text = str(err.value)
     assert "2 unit ids (e.g. 'nobody')" in text
     assert "9 alignment files" in text and "e.g. 'utt00'" in text
-    ckpt = _checkpoint(tmp_path / "best.pt", _distinct_codes())
+    ckpt = codebook_ckpt(tmp_path / "best.pt", _distinct_codes())
     big = {u: np.where(s == 3, N_CODES, s) for u, s in units.items()}  # a unit past the codebook
     with pytest.raises(StageError, match="codebook has 8 codes"):  # (no n_codes in the sidecar)
         _run([f"units={_unit_file(tmp_path, big, {'n_codes': None})}", f"alignments={root / 'ali'}",

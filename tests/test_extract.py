@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from speechvq import extract as E
 from speechvq import units as U
 from speechvq.audio import load_audio, save_audio
-from speechvq.checkpoint import save_checkpoint
 from speechvq.cli import extract
 from speechvq.cli._hydra import StageError, conf_dir
 from speechvq.data.manifest import ManifestRow, read_manifest, write_manifest
@@ -39,24 +37,6 @@ FORMATS = {"gslm": "units.txt", "kaldi": "units.kaldi", "npy": "units.npz",
 
 
 
-def _tiny_config(kind: str) -> dict:
-    cfg = OmegaConf.create({
-        "features": OmegaConf.load(CONF / "features" / "logmel.yaml"),
-        "model": OmegaConf.load(CONF / "model" / f"{kind}.yaml"),
-        "quantizer": OmegaConf.load(CONF / "quantizer" / "ema.yaml"),
-    })
-    if kind == "mel":
-        cfg.model.encoder.channels = 16
-        cfg.model.decoder.channels = 16
-    else:
-        cfg.model.encoder.channels = [4] * len(cfg.model.encoder.channels)
-        cfg.model.decoder.channels = [4] * len(cfg.model.decoder.channels)
-    cfg.model.encoder.out_channels = 8
-    cfg.model.decoder.speaker_dim = 8
-    cfg.quantizer.n_codes = 32
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def _signal(rng: np.random.Generator, seconds: float) -> np.ndarray:
     """Phone-like stretches: harmonic tones of changing pitch and noise bursts."""
     pieces = []
@@ -71,35 +51,30 @@ def _signal(rng: np.random.Generator, seconds: float) -> np.ndarray:
     return np.concatenate(pieces)[: int(seconds * SR)].astype(np.float32)
 
 
-def _tiny_vqvae(path: Path, kind: str, stats: FeatureStats, wavs: list[torch.Tensor]) -> Path:
-    """An untrained VQ-VAE whose codebook is spread over its own encoder outputs (so the units
-    vary), saved in the contract's checkpoint format."""
-    cfg = _tiny_config(kind)
-    torch.manual_seed(0)
-    model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=len(SPEAKERS)).eval()
-    logmel = build_logmel(cfg["features"])
-    with torch.no_grad():
-        z = torch.cat([
-            model.encoder((stats.normalize(logmel(w), None, "global") if kind == "mel" else w)[None])
-            [0].T for w in wavs
-        ])
-        model.quantizer.codebook.copy_(kmeans(z, model.n_codes, 10)[0])  # as training's init
-        model.quantizer.inited.fill_(True)
-    save_checkpoint(path, {
-        "kind": "vqvae",
-        "model_config": {"model": cfg["model"], "quantizer": cfg["quantizer"],
-                         "n_speakers": len(SPEAKERS)},
-        "meta": {"speakers": list(SPEAKERS), "stats": stats.to_dict(),
-                 "features": cfg["features"], "unit_rate": model.unit_rate,
-                 "n_codes": model.n_codes},
-        "model": model.state_dict(),
-        "step": 0,
-    })
-    return path
+@pytest.fixture(scope="session")
+def kmeans_vqvae(tiny_vqvae_cfg, save_vqvae):
+    """``kmeans_vqvae(path, kind, stats, wavs)``: an untrained VQ-VAE whose codebook is spread over
+    its own encoder outputs on ``wavs`` (so the units vary), saved as a checkpoint."""
+
+    def make(path: Path, kind: str, stats: FeatureStats, wavs: list[torch.Tensor]) -> Path:
+        cfg = tiny_vqvae_cfg(kind)
+        torch.manual_seed(0)
+        model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=len(SPEAKERS)).eval()
+        logmel = build_logmel(cfg["features"])
+        with torch.no_grad():
+            z = torch.cat([
+                model.encoder((stats.normalize(logmel(w), None, "global") if kind == "mel"
+                               else w)[None])[0].T for w in wavs
+            ])
+            model.quantizer.codebook.copy_(kmeans(z, model.n_codes, 10)[0])  # as training's init
+            model.quantizer.inited.fill_(True)
+        return save_vqvae(path, model, cfg, SPEAKERS, stats)
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, kmeans_vqvae, features_cfg):
     """9 utterances of 0.3-2.5 s by 3 speakers, one corrupt file; stats.json beside the manifest
     covers alice and bob only (carol's statistics must be computed at extraction)."""
     root = tmp_path_factory.mktemp("extract")
@@ -115,11 +90,11 @@ def corpus(tmp_path_factory):
     bad.write_bytes(b"RIFF0000WAVEjunk" * 10)
     rows.insert(4, ManifestRow("broken", str(bad), 16000, "alice"))
     write_manifest(root / "manifest.tsv", rows)
-    features = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
+    features = dict(features_cfg)
     stats = compute_stats([r for r in rows if r.speaker != "carol" and r.id != "broken"],
                           features, progress=False)
     stats.save(root / "stats.json")
-    ckpt = _tiny_vqvae(root / "best.pt", "mel", stats, wavs)
+    ckpt = kmeans_vqvae(root / "best.pt", "mel", stats, wavs)
     return {"root": root, "manifest": root / "manifest.tsv", "ckpt": ckpt, "stats": stats,
             "rows": [r for r in rows if r.id != "broken"], "features": features}
 
@@ -258,14 +233,14 @@ def test_stage_errors(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["mel", "wave"])
-def test_long_file_in_chunks_equals_whole_file(tmp_path, kind):
+def test_long_file_in_chunks_equals_whole_file(tmp_path, kind, kmeans_vqvae, features_cfg):
     """A 40 s file cut into 3 s windows (+ context) gives exactly the units of one pass."""
     wav = torch.from_numpy(_signal(np.random.default_rng(1), 40.0))
-    features = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
+    features = dict(features_cfg)
     logmel = build_logmel(features)
     feats = logmel(wav)
     stats = FeatureStats(features, _moments(feats), {})
-    ckpt = _tiny_vqvae(tmp_path / "m.pt", kind, stats, [wav[: 5 * SR]])
+    ckpt = kmeans_vqvae(tmp_path / "m.pt", kind, stats, [wav[: 5 * SR]])
     model, _ = load_vqvae(ckpt)
     make_input = E.ModelInput(kind, model.samples_per_unit, SR, features | {"normalize": "global"},
                               stats, chunk_seconds=3.0)
@@ -318,8 +293,8 @@ def test_batching_never_changes_units(corpus):
         assert np.array_equal(units, model.encode(x[None])[0].numpy())
 
 
-def test_receptive_field_matches_measurement():
-    cfg = _tiny_config("mel")
+def test_receptive_field_matches_measurement(tiny_vqvae_cfg):
+    cfg = tiny_vqvae_cfg("mel")
     model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=1)
     rf, stride = E.receptive_field(model.encoder)
     assert stride == 2

@@ -12,17 +12,12 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from speechvq.audio import save_audio
 from speechvq.report import Clip, Row, log_to_tensorboard, write_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-def _features() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
 
 
 def _tone(path: Path, f0: float, seconds: float = 0.5) -> Path:
@@ -46,7 +41,7 @@ class _Links(HTMLParser):
         self.text.append(data)
 
 
-def _page(tmp_path: Path) -> Path:
+def _page(tmp_path: Path, features_cfg) -> Path:
     out = tmp_path / "page dir"  # a space: links must be percent-encoded
     rows = [
         Row("utt <1> & \"co\"", [
@@ -57,11 +52,11 @@ def _page(tmp_path: Path) -> Path:
         ]),
         Row("sample 0", [Clip(_tone(out / "sample_000.wav", 300), "sample 0", [1, 2, 2, 3])]),
     ]
-    return write_report(out, rows, "test <page>", _features(), intro="a & b")
+    return write_report(out, rows, "test <page>", dict(features_cfg), intro="a & b")
 
 
-def test_links_are_relative_and_resolve(tmp_path):
-    index = _page(tmp_path)
+def test_links_are_relative_and_resolve(tmp_path, features_cfg):
+    index = _page(tmp_path, features_cfg)
     parser = _Links()
     parser.feed(index.read_text(encoding="utf-8"))
     tags = [t for t, _ in parser.links]
@@ -76,8 +71,8 @@ def test_links_are_relative_and_resolve(tmp_path):
         assert (Path(moved) / unquote(link)).is_file()
 
 
-def test_text_is_escaped_and_units_deduplicated(tmp_path):
-    html_text = _page(tmp_path).read_text(encoding="utf-8")
+def test_text_is_escaped_and_units_deduplicated(tmp_path, features_cfg):
+    html_text = _page(tmp_path, features_cfg).read_text(encoding="utf-8")
     assert "<script>" not in html_text and "&lt;script&gt;" in html_text
     assert "utt &lt;1&gt; &amp; &quot;co&quot;" in html_text
     assert "test &lt;page&gt;" in html_text and "a &amp; b" in html_text
@@ -90,10 +85,10 @@ def test_text_is_escaped_and_units_deduplicated(tmp_path):
     assert "3 3 3 7 7 1" in text  # the full frame-level sequence
 
 
-def test_clips_outside_the_folder_are_refused(tmp_path):
+def test_clips_outside_the_folder_are_refused(tmp_path, features_cfg):
     outside = _tone(tmp_path / "elsewhere.wav", 200)
     with pytest.raises(ValueError, match="outside"):
-        write_report(tmp_path / "page", [Row("r", [Clip(outside, "x")])], "t", _features())
+        write_report(tmp_path / "page", [Row("r", [Clip(outside, "x")])], "t", dict(features_cfg))
 
 
 def test_tensorboard_gets_the_clips(tmp_path):
@@ -150,8 +145,8 @@ def _browser_statuses(check: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
-def test_headless_chromium_loads_every_clip_and_image(tmp_path):
-    index = _page(tmp_path)
+def test_headless_chromium_loads_every_clip_and_image(tmp_path, features_cfg):
+    index = _page(tmp_path, features_cfg)
     check = index.with_name("check.html")  # same folder: the same relative links
     check.write_text(index.read_text(encoding="utf-8").replace("</body>", _CHECK + "</body>"),
                      encoding="utf-8")
