@@ -324,21 +324,6 @@ def format_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(value):
-    """Plain JSON: NaN (an undefined metric) becomes null, numpy scalars become Python ones."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-
-
 def report_table(report: Mapping) -> str:
     """The printed table of an :func:`evaluate` report: units, and the baseline beside them."""
     columns = {"units": report["metrics"]}

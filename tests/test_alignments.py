@@ -14,6 +14,7 @@ from speechvq.data.alignments import (
     read_frame_tsv,
     read_phn,
     read_textgrid,
+    textgrid_text,
     write_frame_tsv,
     write_phn,
 )
@@ -108,51 +109,11 @@ def test_phn_converts_timit_sample_indices(tmp_path):
     assert load_alignments(path) == {"SA1": [Interval(0, 1500.5, "sil")]}
 
 
-LONG_TEXTGRID = """File type = "ooTextFile"
-Object class = "TextGrid"
-
-xmin = 0
-xmax = 0.1
-tiers? <exists>
-size = 2
-item []:
-    item [1]:
-        class = "IntervalTier"
-        name = "words"
-        xmin = 0
-        xmax = 0.1
-        intervals: size = 2
-        intervals [1]:
-            xmin = 0
-            xmax = 0.03
-            text = ""
-        intervals [2]:
-            xmin = 0.03
-            xmax = 0.1
-            text = "a ""quoted"" word"
-    item [2]:
-        class = "IntervalTier"
-        name = "phones"
-        xmin = 0
-        xmax = 0.1
-        intervals: size = 4
-        intervals [1]:
-            xmin = 0
-            xmax = 0.03
-            text = ""
-        intervals [2]:
-            xmin = 0.03
-            xmax = 0.05
-            text = "AH0"
-        intervals [3]:
-            xmin = 0.05
-            xmax = 0.07
-            text = ""
-        intervals [4]:
-            xmin = 0.07
-            xmax = 0.1
-            text = "ER1"
-"""
+LONG_TEXTGRID = textgrid_text({  # a quoted word, empty intervals: Praat's long format
+    "words": [Interval(0, 0.03, ""), Interval(0.03, 0.1, 'a "quoted" word')],
+    "phones": [Interval(0, 0.03, ""), Interval(0.03, 0.05, "AH0"), Interval(0.05, 0.07, ""),
+               Interval(0.07, 0.1, "ER1")],
+})
 
 SHORT_TEXTGRID = """File type = "ooTextFile"
 Object class = "TextGrid"

@@ -22,6 +22,7 @@ import soundfile as sf
 
 from speechvq.data import download as dl
 from speechvq.data import librispeech as ls
+from speechvq.data.alignments import Interval, textgrid_text
 from speechvq.data.manifest import read_manifest
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -537,44 +538,8 @@ def test_alignments_are_imported_from_textgrids(tmp_path):
     assert labels == [(0.0, 0.1, "sil"), (0.1, 0.25, "HH"), (0.25, 0.4, "AH"), (0.4, 0.5, "sil")]
 
 
-_TEXTGRID = """File type = "ooTextFile"
-Object class = "TextGrid"
-
-xmin = 0
-xmax = 0.5
-tiers? <exists>
-size = 2
-item []:
-    item [1]:
-        class = "IntervalTier"
-        name = "words"
-        xmin = 0
-        xmax = 0.5
-        intervals: size = 1
-        intervals [1]:
-            xmin = 0
-            xmax = 0.5
-            text = "HELLO"
-    item [2]:
-        class = "IntervalTier"
-        name = "phones"
-        xmin = 0
-        xmax = 0.5
-        intervals: size = 4
-        intervals [1]:
-            xmin = 0
-            xmax = 0.1
-            text = ""
-        intervals [2]:
-            xmin = 0.1
-            xmax = 0.25
-            text = "HH"
-        intervals [3]:
-            xmin = 0.25
-            xmax = 0.4
-            text = "AH0"
-        intervals [4]:
-            xmin = 0.4
-            xmax = 0.5
-            text = "sil"
-"""
+_TEXTGRID = textgrid_text({
+    "words": [Interval(0, 0.5, "HELLO")],
+    "phones": [Interval(0, 0.1, ""), Interval(0.1, 0.25, "HH"), Interval(0.25, 0.4, "AH0"),
+               Interval(0.4, 0.5, "sil")],
+})

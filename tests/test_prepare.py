@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from speechvq.cli import prepare
 from speechvq.cli._hydra import StageError, conf_dir
+from speechvq.data.alignments import Interval, textgrid_text
 from speechvq.data.folder import folder_candidates, split_rows
 from speechvq.data.manifest import ManifestRow, read_manifest
 from speechvq.data.synth import MINI_CORPUS
@@ -262,29 +263,7 @@ def test_shipped_mini_corpus(tmp_path):
 # --- your own labelled corpus: alignments beside the audio or in data.alignments ---------------
 
 TIMIT_PHN = "0 3050 h#\n3050 4559 sh\n4559 {end} ix\n"  # sample indices at 16 kHz
-TEXTGRID = """File type = "ooTextFile"
-Object class = "TextGrid"
-
-xmin = 0
-xmax = 0.3
-tiers? <exists>
-size = 1
-item []:
-    item [1]:
-        class = "IntervalTier"
-        name = "phones"
-        xmin = 0
-        xmax = 0.3
-        intervals: size = 2
-        intervals [1]:
-            xmin = 0
-            xmax = 0.1
-            text = ""
-        intervals [2]:
-            xmin = 0.1
-            xmax = 0.3
-            text = "AH0"
-"""
+TEXTGRID = textgrid_text({"phones": [Interval(0, 0.1, ""), Interval(0.1, 0.3, "AH0")]})
 
 
 def _phn_lines(path: Path) -> list[tuple[float, float, str]]:

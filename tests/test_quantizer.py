@@ -10,24 +10,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import speechvq.nn.quantizer as Q
+from speechvq.cli._hydra import conf_dir
 from speechvq.nn.quantizer import VectorQuantizer, kmeans, nearest_codes, sq_distances
+
+# conf/quantizer/ema.yaml without its interpolated dim (tests set dim themselves)
+EMA = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(
+    conf_dir() / "quantizer" / "ema.yaml")).items() if k != "dim"}
 
 
 def _vq(**kw) -> VectorQuantizer:
-    args = dict(
-        n_codes=8,
-        dim=4,
-        ema=True,
-        decay=0.99,
-        epsilon=1e-5,
-        kmeans_init=True,
-        kmeans_iters=10,
-        dead_threshold=0.0,
-    )
-    args.update(kw)
-    return VectorQuantizer(**args)
+    """The EMA quantizer of conf/ at 8 codes of dimension 4 (+ ``kw``)."""
+    return VectorQuantizer(**{**EMA, "n_codes": 8, "dim": 4, "dead_threshold": 0.0, **kw})
 
 
 def _clusters(centres: torch.Tensor, per: int, noise: float = 0.05) -> torch.Tensor:
@@ -337,16 +333,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(100 + rank)  # different initial buffers and RNG on each rank
-        vq = VectorQuantizer(
-            n_codes=16,
-            dim=4,
-            ema=True,
-            decay=0.5,
-            epsilon=1e-5,
-            kmeans_init=True,
-            kmeans_iters=5,
-            dead_threshold=1.0,
-        ).train()
+        vq = _vq(n_codes=16, decay=0.5, kmeans_iters=5, dead_threshold=1.0).train()
         states, dead = [], []
         for step in range(6):
             # different data per rank; a jump at step 3 strands most codes (-> restarts)

@@ -19,18 +19,9 @@ N_MELS = 80
 
 
 def _quantizer(dim: int = 16, **kw) -> dict:
-    cfg = dict(
-        n_codes=32,
-        dim=dim,
-        ema=True,
-        decay=0.99,
-        epsilon=1e-5,
-        kmeans_init=True,
-        kmeans_iters=5,
-        dead_threshold=1.0,
-    )
-    cfg.update(kw)
-    return cfg
+    """conf/quantizer/ema.yaml at 32 codes of dimension ``dim`` (+ ``kw``)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "quantizer" / "ema.yaml"))
+    return {**cfg, "n_codes": 32, "dim": dim, "kmeans_iters": 5, **kw}
 
 
 def _mel_cfg(jitter: float = 0.5) -> dict:

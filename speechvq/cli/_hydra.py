@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,7 @@ from speechvq.cli._config import check_config, missing_key, missing_values
 from speechvq.files import WriteError, probe_writable, write_problem
 
 log = logging.getLogger("speechvq")
+T = TypeVar("T")
 
 # `out_dir: ${speechvq_dirname:${out}}`: a stage whose output is a file runs hydra in its folder.
 OmegaConf.register_new_resolver(
@@ -50,6 +52,15 @@ def conf_dir() -> Path:
 
 class StageError(Exception):
     """An error a stage reports to the user as one clear line (no traceback)."""
+
+
+def call(fn: Callable[..., T], *args: Any, errors: tuple[type[Exception], ...]) -> T:
+    """``fn(*args)``: the one library call of a stage; its user errors (``errors``, whose
+    messages are one line naming the file or key) become a :class:`StageError`."""
+    try:
+        return fn(*args)
+    except errors as err:
+        raise StageError(str(err)) from None
 
 
 def _run_reported(run: Callable[[DictConfig], int | None], cfg: DictConfig) -> None:

@@ -19,7 +19,7 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 
 from speechvq.baseline import EvalJob, EvaluationError, evaluate, report_table
-from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli._hydra import call, hydra_main
 
 log = logging.getLogger("speechvq.evaluate")
 
@@ -43,10 +43,7 @@ def job_of(cfg: DictConfig) -> EvalJob:
 
 def run(cfg: DictConfig) -> int:
     job = job_of(cfg)
-    try:
-        report = evaluate(job)
-    except EvaluationError as err:
-        raise StageError(str(err)) from None
+    report = call(evaluate, job, errors=(EvaluationError,))
     print(report_table(report))
     print(f"wrote {job.out_path} ({report['seconds']} s)")
     return 0

@@ -16,7 +16,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli._hydra import StageError, call, hydra_main
 from speechvq.extract import ExtractError, ExtractJob, check_shards, extract, merge
 
 log = logging.getLogger("speechvq.extract")
@@ -37,18 +37,15 @@ def job_of(cfg: DictConfig) -> ExtractJob:
 
 
 def run(cfg: DictConfig) -> int:
-    try:
-        check_shards(str(cfg.format), int(cfg.shard), int(cfg.nshards))
-        if cfg.merge:
-            meta = merge(cfg.out, int(cfg.nshards), remove=bool(cfg.remove_shards))
-            print(f"merged {cfg.nshards} shards into {cfg.out}: "
-                  f"{int(meta.counts.get('utterances', 0))} utterances, "
-                  f"{len(meta.rejected)} rejected")
-            return 0
-        job = job_of(cfg)
-        meta = extract(job)
-    except ExtractError as err:
-        raise StageError(str(err)) from None
+    call(check_shards, str(cfg.format), int(cfg.shard), int(cfg.nshards), errors=(ExtractError,))
+    if cfg.merge:
+        meta = call(merge, cfg.out, int(cfg.nshards), bool(cfg.remove_shards),
+                    errors=(ExtractError,))
+        print(f"merged {cfg.nshards} shards into {cfg.out}: "
+              f"{int(meta.counts.get('utterances', 0))} utterances, {len(meta.rejected)} rejected")
+        return 0
+    job = job_of(cfg)
+    meta = call(extract, job, errors=(ExtractError,))
     if meta is None:
         print(f"{job.target}: already done")
         return 0

@@ -12,12 +12,13 @@ corpus ends the same way (:func:`speechvq.data.prepare.finish`).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli._hydra import StageError, call, hydra_main
 from speechvq.data import librispeech
 from speechvq.data.folder import prepare_folder
 from speechvq.data.synth import prepare_mini
@@ -36,11 +37,10 @@ def run(cfg: DictConfig) -> int:
     if prepare is None:
         raise StageError(f"unknown data.name {data.get('name')!r}: use data=folder, data=mini or "
                          "data=librispeech")
-    try:
-        prepare(data, Path(cfg.out_dir), features, progress=bool(cfg.progress),
-                stats=bool(cfg.stats), workers=int(cfg.num_workers))
-    except ValueError as err:  # a bad folder or subset, a failed checksum, an unsafe archive
-        raise StageError(str(err)) from None
+    options = {"stats": bool(cfg.stats), "workers": int(cfg.num_workers),
+               "progress": bool(cfg.progress)}
+    # user errors: a bad folder or subset, a failed checksum, an unsafe archive
+    call(partial(prepare, **options), data, Path(cfg.out_dir), features, errors=(ValueError,))
     return 0
 
 

@@ -16,7 +16,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli._hydra import call, hydra_main
 from speechvq.synthesis import ResynthJob, SynthesisError, resynthesize
 
 log = logging.getLogger("speechvq.resynth")
@@ -33,10 +33,7 @@ def job_of(cfg: DictConfig) -> ResynthJob:
 
 def run(cfg: DictConfig) -> None:
     job = job_of(cfg)
-    try:
-        n, index = resynthesize(job)
-    except SynthesisError as err:
-        raise StageError(str(err)) from None
+    n, index = call(resynthesize, job, errors=(SynthesisError,))
     print(f"resynthesised {n} utterance(s) into {job.out_dir}; listen: {index}")
 
 

@@ -17,7 +17,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli._hydra import call, hydra_main
 from speechvq.synthesis import SampleJob, SynthesisError, sample
 
 log = logging.getLogger("speechvq.sample")
@@ -37,10 +37,7 @@ def job_of(cfg: DictConfig) -> SampleJob:
 
 def run(cfg: DictConfig) -> None:
     job = job_of(cfg)
-    try:
-        index = sample(job)
-    except SynthesisError as err:
-        raise StageError(str(err)) from None
+    index = call(sample, job, errors=(SynthesisError,))
     print(f"wrote {job.n} samples of {job.seconds} s to {job.out_dir}; listen: {index}")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from speechvq.checkpoint import CheckpointError
-from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli._hydra import StageError, call, hydra_main
 from speechvq.runtime import is_main_process
 from speechvq.tasks import TaskError, train_vqvae
 from speechvq.training import TrainingError, resume_path, run_lock
@@ -60,10 +60,8 @@ def run(cfg: DictConfig) -> int | None:
     if not is_main_process():  # one voice: the other ranks only report problems
         logging.getLogger().setLevel(logging.WARNING)
     config = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        task, result = train_vqvae(config, Path(cfg.out_dir), resume=resume_value(cfg))
-    except (TaskError, TrainingError, CheckpointError) as err:
-        raise StageError(str(err)) from None
+    task, result = call(train_vqvae, config, Path(cfg.out_dir), resume_value(cfg),
+                        errors=(TaskError, TrainingError, CheckpointError))
     if is_main_process():
         best = Path(result["best_path"])
         what = "valid loss" if task.valid_set is not None else "train loss"

@@ -19,7 +19,7 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 from speechvq.checkpoint import CheckpointError
-from speechvq.cli._hydra import StageError, hydra_main
+from speechvq.cli._hydra import call, hydra_main
 from speechvq.cli.train import claim, resume_value
 from speechvq.prior import PriorDataError
 from speechvq.tasks import PriorJob, TaskError, train_prior
@@ -41,10 +41,8 @@ def job_of(cfg: DictConfig) -> PriorJob:
 
 
 def run(cfg: DictConfig) -> None:
-    try:
-        report = train_prior(job_of(cfg))
-    except (PriorDataError, TaskError, TrainingError, CheckpointError) as err:
-        raise StageError(str(err)) from None
+    report = call(train_prior, job_of(cfg),
+                  errors=(PriorDataError, TaskError, TrainingError, CheckpointError))
     if report is None:  # not rank 0
         return
     n_codes = report["n_codes"]

@@ -278,6 +278,27 @@ def _tier_matches(name: str, wanted: str) -> bool:
     return name == wanted or name.endswith(f" - {wanted}")
 
 
+def textgrid_text(tiers: Mapping[str, Sequence[Interval]]) -> str:
+    """Interval tiers ``{name: intervals}`` as a Praat TextGrid (long text format), from 0 to the
+    last interval's end; ``"`` in a label is doubled, as Praat writes it."""
+    xmax = max((iv.end for ivs in tiers.values() for iv in ivs), default=0.0)
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0",
+             f"xmax = {xmax:g}", "tiers? <exists>", f"size = {len(tiers)}", "item []:"]
+    for n, (name, ivs) in enumerate(tiers.items(), start=1):
+        lines += [f"    item [{n}]:", '        class = "IntervalTier"', f'        name = "{name}"',
+                  "        xmin = 0", f"        xmax = {xmax:g}", f"        intervals: size = {len(ivs)}"]
+        for k, iv in enumerate(ivs, start=1):
+            label = iv.label.replace('"', '""')
+            lines += [f"        intervals [{k}]:", f"            xmin = {iv.start:g}",
+                      f"            xmax = {iv.end:g}", f'            text = "{label}"']
+    return "\n".join(lines) + "\n"
+
+
+def write_textgrid(path: str | os.PathLike, tiers: Mapping[str, Sequence[Interval]]) -> None:
+    """Write :func:`textgrid_text` to ``path``, atomically."""
+    write_text(path, textgrid_text(tiers))
+
+
 def read_textgrid(
     path: str | os.PathLike, tier: str = "phones", strip_stress: bool = True
 ) -> list[Interval]:

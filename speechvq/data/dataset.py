@@ -59,7 +59,29 @@ def _item(row: ManifestRow, wav: Tensor, feats: Tensor | None, speaker: int, n: 
     return item
 
 
-class CropDataset(torch.utils.data.Dataset):
+class _ManifestDataset(torch.utils.data.Dataset):
+    """What both datasets hold: the rows, the speakers' ids, the unit size and the front-end."""
+
+    def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
+                 stats: FeatureStats | None, features_cfg: Mapping | None, sample_rate: int,
+                 samples_per_unit: int) -> None:
+        self.rows = list(rows)
+        self.speakers = list(speakers)
+        self._speaker_ids = {s: i for i, s in enumerate(self.speakers)}
+        self.sample_rate = int(sample_rate)
+        self.samples_per_unit = int(samples_per_unit)
+        self._front = _front_end(stats, features_cfg, self.sample_rate)
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def unknown_speakers(self) -> list[str]:
+        """The speakers of the rows that are not in ``speakers``, sorted."""
+        return sorted({r.speaker for r in self.rows} - set(self._speaker_ids))
+
+
+class CropDataset(_ManifestDataset):
     """Random fixed-length training crops; item ``i`` is a pure function of ``(seed, epoch, i)``.
 
     ``crop_seconds`` is rounded down to whole units (``samples_per_unit``). Shorter utterances are
@@ -70,30 +92,17 @@ class CropDataset(torch.utils.data.Dataset):
     DataLoader workers each worker fills its own copy.
     """
 
-    def __init__(
-        self,
-        rows: Sequence[ManifestRow],
-        speakers: Sequence[str],
-        stats: FeatureStats | None,
-        features_cfg: Mapping | None,
-        crop_seconds: float,
-        sample_rate: int,
-        samples_per_unit: int,
-        seed: int = 0,
-        cache_audio: bool = False,
-    ) -> None:
-        self.rows = list(rows)
-        if not self.rows:
+    def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
+                 stats: FeatureStats | None, features_cfg: Mapping | None, crop_seconds: float,
+                 sample_rate: int, samples_per_unit: int, seed: int = 0,
+                 cache_audio: bool = False) -> None:
+        if not rows:
             raise ValueError("CropDataset needs at least one utterance")
+        super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit)
         self.cache_audio = bool(cache_audio)
         self._cache: dict[int, Tensor] = {}
-        self.speakers = list(speakers)
-        self._speaker_ids = {s: i for i, s in enumerate(self.speakers)}
-        unknown = sorted({r.speaker for r in self.rows} - set(self._speaker_ids))
-        if unknown:
+        if unknown := self.unknown_speakers():
             raise ValueError(f"speaker(s) {unknown[:5]} of the manifest are not in `speakers`")
-        self.sample_rate = int(sample_rate)
-        self.samples_per_unit = int(samples_per_unit)
         hop = self.samples_per_unit
         self.crop_samples = int(round(crop_seconds * sample_rate)) // hop * hop
         if self.crop_samples <= 0:
@@ -101,13 +110,8 @@ class CropDataset(torch.utils.data.Dataset):
                              f"({hop} samples)")
         self.seed = int(seed)
         self.epoch = 0
-        self._front = _front_end(stats, features_cfg, self.sample_rate)
         self._states: dict[int, UtteranceState] = {}  # whole-utterance level/moments, per row
         self._bad: set[int] = set()
-        self._warned: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the crops of ``epoch`` (call at the start of every epoch, as for samplers)."""
@@ -165,7 +169,7 @@ class CropDataset(torch.utils.data.Dataset):
         return _item(row, wav, feats, self._speaker_ids[row.speaker], n)
 
 
-class UtteranceDataset(torch.utils.data.Dataset):
+class UtteranceDataset(_ManifestDataset):
     """Whole utterances in manifest order (validation, test, unit extraction, resynthesis).
 
     Each utterance is cut to a whole number of units (``T // samples_per_unit`` of them: the tail
@@ -173,28 +177,12 @@ class UtteranceDataset(torch.utils.data.Dataset):
     :func:`collate` drops. A speaker not in ``speakers`` gets id -1.
     """
 
-    def __init__(
-        self,
-        rows: Sequence[ManifestRow],
-        speakers: Sequence[str],
-        stats: FeatureStats | None,
-        features_cfg: Mapping | None,
-        sample_rate: int,
-        samples_per_unit: int,
-    ) -> None:
-        self.rows = list(rows)
-        self.speakers = list(speakers)
-        self._speaker_ids = {s: i for i, s in enumerate(self.speakers)}
-        unknown = sorted({r.speaker for r in self.rows} - set(self._speaker_ids))
-        if unknown:
+    def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
+                 stats: FeatureStats | None, features_cfg: Mapping | None, sample_rate: int,
+                 samples_per_unit: int) -> None:
+        super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit)
+        if unknown := self.unknown_speakers():
             log.warning("speaker(s) %s are not among the model's speakers: id -1", unknown[:5])
-        self.sample_rate = int(sample_rate)
-        self.samples_per_unit = int(samples_per_unit)
-        self._front = _front_end(stats, features_cfg, self.sample_rate)
-        self._warned: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def __getitem__(self, index: int) -> dict | None:
         row = self.rows[index]

@@ -75,7 +75,8 @@ class _Stage(nn.Module):
 
 
 class _SpeakerDecoder(nn.Module):
-    """Shared front: speaker table, jitter, latents ++ speaker embedding -> ``channels``."""
+    """Shared front: speaker table, jitter, latents ++ speaker embedding -> ``channels``; a
+    subclass's ``body(hidden, embedding)`` makes the output from there."""
 
     def __init__(
         self, in_channels: int, channels: int, n_speakers: int, speaker_dim: int, jitter: float
@@ -98,6 +99,23 @@ class _SpeakerDecoder(nn.Module):
         s = self.speaker(speaker)
         x = torch.cat([z, s.unsqueeze(-1).expand(-1, -1, z.shape[-1]).to(z.dtype)], dim=1)
         return self.conv_in(x), s
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        speaker: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        jitter: bool | None = None,
+    ) -> torch.Tensor:
+        """z: (B, D, U), speaker: (B,) long, mask: (B, U) -> the decoder's output: mels
+        (B, out_channels, 2U) or a waveform (B, U * prod(strides)).
+
+        ``jitter``: apply time jitter (default: in training mode only).
+        """
+        return self.body(*self.front(z, speaker, mask, jitter))
+
+    def body(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class MelDecoder(_SpeakerDecoder):
@@ -129,18 +147,8 @@ class MelDecoder(_SpeakerDecoder):
             ChannelNorm(channels), activation(), nn.Conv1d(channels, out_channels, 1)
         )
 
-    def forward(
-        self,
-        z: torch.Tensor,
-        speaker: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        jitter: bool | None = None,
-    ) -> torch.Tensor:
-        """z: (B, D, U), speaker: (B,) long, mask: (B, U) -> mels (B, out_channels, 2U).
-
-        ``jitter``: apply time jitter (default: in training mode only).
-        """
-        x, s = self.front(z, speaker, mask, jitter)
+    def body(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """hidden (B, channels, U), speaker embedding (B, S) -> mels (B, out_channels, 2U)."""
         x = self.up(self.pre(x, s))
         return self.conv_out(self.post(x, s))
 
@@ -188,15 +196,8 @@ class WaveDecoder(_SpeakerDecoder):
             nn.Tanh(),
         )
 
-    def forward(
-        self,
-        z: torch.Tensor,
-        speaker: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        jitter: bool | None = None,
-    ) -> torch.Tensor:
-        """z: (B, D, U), speaker: (B,) long, mask: (B, U) -> wav (B, U * prod(strides))."""
-        x, s = self.front(z, speaker, mask, jitter)
+    def body(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """hidden (B, channels[0], U), speaker embedding (B, S) -> wav (B, U * prod(strides))."""
         for stage, up in zip(self.stages, self.ups, strict=True):
             x = up(stage(x, s))
         return self.conv_out(x).squeeze(1)
