@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NORMALIZE_MODES = ("speaker", "global", "utterance", "none")
+# Bumped whenever what FrontEnd computes changes for the same config: statistics (stats.json, a
+# checkpoint's meta) made by another version would normalise the wrong features, silently.
+FRONTEND_VERSION = 2
 LEVEL_MODES = ("utterance", "absolute")
 # A mel bin that hardly moves (stuck at the floor of a band-limited or very quiet recording) has a
 # tiny std; dividing by it would blow its noise up (|z| ~ 675 with the old 1e-3). Natural-log
@@ -218,11 +221,13 @@ class FeatureStats:
         self.global_ = global_
         self.speakers = dict(speakers)
         self.path = path  # where it was loaded from, for error messages
+        self.version = FRONTEND_VERSION
         self._warned: set[str] = set()
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
+            "frontend_version": self.version,
             "features": dict(self.features),
             "global": self.global_.to_dict(),
             "speakers": {spk: m.to_dict() for spk, m in sorted(self.speakers.items())},
@@ -232,7 +237,7 @@ class FeatureStats:
     def from_dict(cls, d: Mapping, path: str | None = None) -> FeatureStats:
         where = path or "feature stats"
         try:
-            return cls(
+            stats = cls(
                 d["features"],
                 Moments.from_dict(d["global"]),
                 {str(s): Moments.from_dict(m) for s, m in d["speakers"].items()},
@@ -240,6 +245,8 @@ class FeatureStats:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: not a speechvq stats file ({err!r})") from None
+        stats.version = int(d.get("frontend_version", 1))
+        return stats
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically."""
@@ -271,6 +278,13 @@ class FeatureStats:
     def check_features(self, features_cfg: Mapping) -> None:
         """Raise ValueError if ``features_cfg`` differs from the config these stats were made with
         (``normalize`` is not compared: it is how the stats are used, not how features are made)."""
+        where = self.path or "feature stats"
+        if self.version != FRONTEND_VERSION:
+            raise ValueError(
+                f"{where}: made by front-end version {self.version}, this speechvq computes "
+                f"version {FRONTEND_VERSION} features; re-run speechvq-prepare (and retrain a "
+                "model trained on the old features)"
+            )
         cfg = _plain(features_cfg)
         keys = (set(cfg) | set(self.features)) - {"normalize"}
         diff = [
@@ -279,7 +293,6 @@ class FeatureStats:
             if cfg.get(k) != self.features.get(k)
         ]
         if diff:
-            where = self.path or "feature stats"
             raise ValueError(
                 f"{where}: computed with different mel features than configured ("
                 + "; ".join(diff)
