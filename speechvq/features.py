@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from speechvq.audio import AudioError, load_audio
+from speechvq.stats import FRONTEND_VERSION as FRONTEND_VERSION  # stamped on the statistics
 from speechvq.stats import (
     STD_FLOOR,
     Z_MAX,
@@ -48,10 +49,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEVEL_MODES = ("utterance", "absolute")
-# The level an utterance is measured at: this quantile of its frames' mean mel power ("loud
-# frames"). Scaling the waveform by g scales it by g**2 exactly, so relative log-mels, and the
-# units, do not change with the gain.
-LEVEL_QUANTILE = 0.95
+# The level an utterance is measured at: the median mean mel power of its frames within ACTIVE_DB of
+# its loudest frame (its speech, whatever the amount of silence around it). Scaling the waveform by
+# g scales every frame by g**2 exactly, so relative log-mels, and the units, do not change.
+LEVEL_QUANTILE = 0.5
+# Statistics (per speaker, per utterance) are taken over "active" frames: those whose mean mel power
+# is within ACTIVE_DB of the utterance's level. Silence then does not move them, however much of it
+# a recording holds (a corpus trimmed to the speech and one with long pauses normalise alike).
+ACTIVE_DB = 40.0
 
 
 class LogMel(nn.Module):
@@ -182,7 +187,7 @@ class FrontEnd:
     1. The DC offset of the utterance is removed.
     2. Log-mels (:class:`LogMel`) are taken relative to the utterance's level
        (``features.level: utterance``): ``log(max(P, ref * 10**(-range/10))) - log(ref)`` with
-       ``ref`` the :data:`LEVEL_QUANTILE` quantile of the frames' mean mel power and ``range`` =
+       ``ref`` the level of the utterance's speech (:func:`level_reference`) and ``range`` =
        ``features.dynamic_range_db``. A gain g multiplies P and ref by g**2, so the features do not
        change; a quiet recording keeps the same dynamic range as a loud one. ``level: absolute``
        keeps the old ``log(clamp(P, log_floor))``.
@@ -251,7 +256,7 @@ class FrontEnd:
         ref = level_reference(power)
         moments = None
         if self.mode == "utterance" or (self.mode == "speaker" and self.stats is not None):
-            moments = _frame_moments(self.log_mels(power, ref))
+            moments = _frame_moments(self.log_mels(power, ref)[:, active_frames(power, ref)])
         return UtteranceState(dc, ref, moments)
 
     def features_of(self, wav: Tensor, state: UtteranceState | None = None) -> Tensor:
@@ -325,12 +330,24 @@ class FrontEnd:
 
 
 def level_reference(power: Tensor) -> float:
-    """The level of an utterance: the :data:`LEVEL_QUANTILE` quantile of its frames' mean mel
-    power ``power: (n_mels, F)`` (positive; a tiny value for digital silence)."""
+    """The level of an utterance from its mel power ``(n_mels, F)``: the :data:`LEVEL_QUANTILE`
+    quantile of the mean power of its frames within :data:`ACTIVE_DB` of the loudest one
+    (positive; a tiny value for digital silence). Silence around the speech does not move it."""
     if power.shape[-1] == 0:
         return 1e-12
     frame_power = power.double().mean(dim=0)
-    return max(float(torch.quantile(frame_power, LEVEL_QUANTILE)), 1e-12)
+    loud = frame_power[frame_power >= frame_power.max() * 10.0 ** (-ACTIVE_DB / 10.0)]
+    return max(float(torch.quantile(loud, LEVEL_QUANTILE)), 1e-12)
+
+
+def active_frames(power: Tensor, ref: float) -> Tensor:
+    """``(F,)`` bool: frames of mel power ``(n_mels, F)`` within :data:`ACTIVE_DB` of the level
+    ``ref`` (every frame when fewer than a tenth would be: statistics need frames)."""
+    frame_power = power.double().mean(dim=0)
+    active = frame_power >= ref * 10.0 ** (-ACTIVE_DB / 10.0)
+    if int(active.sum()) < max(1, power.shape[-1] // 10):
+        return torch.ones_like(active)
+    return active
 
 
 def _frame_moments(feats: Tensor) -> Moments:
@@ -365,14 +382,23 @@ def chunked_mel_power(logmel: LogMel, wav: Tensor, chunk_frames: int) -> Tensor:
     return out
 
 
-def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+def mel_centres(logmel: LogMel) -> Tensor:
+    """Centre frequency (Hz) of each mel bin of ``logmel``, ``(n_mels,)``."""
+    fb = logmel.filterbank  # (n_fft // 2 + 1, n_mels)
+    return fb.argmax(0).double() * logmel.sample_rate / logmel.n_fft
+
+
+def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: float = 0.0,
+                 min_bins: int = 0, generator: torch.Generator | None = None) -> Tensor:
     """Speaker- and channel-like perturbations of normalised log-mels ``(B, n_mels, F)`` (same
     shape back), for the encoder's input while the decoder reconstructs the clean features.
 
     ``warp``: each utterance's mel axis is stretched by a factor drawn from ``[1 - warp, 1 + warp]``
     (a vocal-tract-length change, as VTLP); ``eq``: a smooth random curve over the bins (three
-    cosines with N(0, eq) amplitudes, in normalised units) is added (a channel's colouring).
+    cosines with N(0, eq) amplitudes, in normalised units) is added (a channel's colouring);
+    ``bandlimit``: with this probability an utterance loses every bin above a cutoff drawn from
+    ``[min_bins, n_mels)`` (set to 0, the value a band-limited recording's empty bins get from
+    its own statistics: 8 kHz sources, telephone channels).
     """
     if feats.dim() != 3:
         raise ValueError(f"augment_mels expects (B, n_mels, F), got {tuple(feats.shape)}")
@@ -395,6 +421,11 @@ def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0,
         bins = torch.linspace(0, math.pi, n)
         curve = (amp[:, :, None] * torch.cos(k[None, :, None] * bins + phase[:, :, None])).sum(1)
         out = out + curve[:, :, None].to(feats)
+    if bandlimit > 0:
+        cut = torch.randint(min(min_bins, n - 1), n, (B,), generator=generator)
+        cut = torch.where(torch.rand(B, generator=generator) < bandlimit, cut, torch.full_like(cut, n))
+        keep = torch.arange(n)[None, :] < cut[:, None]
+        out = out * keep[:, :, None].to(feats)
     return out
 
 
@@ -421,10 +452,7 @@ def check_audio(wav: Tensor, front: FrontEnd, power: Tensor, state: UtteranceSta
         clipped = float((wav.abs() >= peak * 0.999).double().mean())
     feats = front.log_mels(power, state.ref)
     floor_share = float((feats <= feats.min() + 1e-6).double().mean()) if feats.numel() else 0.0
-    hz = torchaudio.functional.melscale_fbanks(  # centre of each bin, from the filterbank itself
-        front.logmel.n_fft // 2 + 1, front.logmel.f_min, front.logmel.f_max, front.n_mels,
-        front.sample_rate).argmax(0).double() * front.sample_rate / front.logmel.n_fft
-    high = power[hz > 4500.0]  # bins wholly above 4 kHz (their filters reach down ~10%)
+    high = power[mel_centres(front.logmel) > 4500.0]  # bins wholly above 4 kHz
     total = float(power.double().mean()) + 1e-30
     high_db = 10 * math.log10(float(high.double().mean()) / total + 1e-30) if high.numel() else 0.0
     return AudioCheck(peak, clipped, floor_share, high_db, state.dc)
@@ -486,7 +514,7 @@ def compute_stats(
             dc = float(wav.double().mean()) if wav.numel() else 0.0
             power = front.mel_power(wav, dc)
             state = UtteranceState(dc, level_reference(power))
-            acc.add(front.log_mels(power, state.ref))
+            acc.add(front.log_mels(power, state.ref)[:, active_frames(power, state.ref)])
             check = check_audio(wav, front, power, state)
         return row, acc, check
 

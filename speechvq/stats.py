@@ -24,6 +24,9 @@ from speechvq.files import write_text
 log = logging.getLogger(__name__)
 
 NORMALIZE_MODES = ("speaker", "global", "utterance", "none")
+# Bumped whenever what FrontEnd computes changes for the same config: statistics (stats.json, a
+# checkpoint's meta) made by another version would normalise the wrong features, silently.
+FRONTEND_VERSION = 2
 # A mel bin that hardly moves (stuck at the floor of a band-limited or very quiet recording) has a
 # tiny std; dividing by it would blow its noise up (|z| ~ 675 with the old 1e-3). Natural-log
 # units: 0.5 is about 2 dB, far below any speech bin's spread (typically 8-13 dB).
@@ -89,11 +92,13 @@ class FeatureStats:
         self.global_ = global_
         self.speakers = dict(speakers)
         self.path = path  # where it was loaded from, for error messages
+        self.version = FRONTEND_VERSION
         self._warned: set[str] = set()
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
+            "frontend_version": self.version,
             "features": dict(self.features),
             "global": self.global_.to_dict(),
             "speakers": {spk: m.to_dict() for spk, m in sorted(self.speakers.items())},
@@ -103,7 +108,7 @@ class FeatureStats:
     def from_dict(cls, d: Mapping, path: str | None = None) -> FeatureStats:
         where = path or "feature stats"
         try:
-            return cls(
+            stats = cls(
                 d["features"],
                 Moments.from_dict(d["global"]),
                 {str(s): Moments.from_dict(m) for s, m in d["speakers"].items()},
@@ -111,6 +116,8 @@ class FeatureStats:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: not a speechvq stats file ({err!r})") from None
+        stats.version = int(d.get("frontend_version", 1))
+        return stats
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically."""
@@ -131,6 +138,13 @@ class FeatureStats:
     def check_features(self, features_cfg: Mapping) -> None:
         """Raise ValueError if ``features_cfg`` differs from the config these stats were made with
         (``normalize`` is not compared: it is how the stats are used, not how features are made)."""
+        where = self.path or "feature stats"
+        if self.version != FRONTEND_VERSION:
+            raise ValueError(
+                f"{where}: made by front-end version {self.version}, this speechvq computes "
+                f"version {FRONTEND_VERSION} features; re-run speechvq-prepare (and retrain a "
+                "model trained on the old features)"
+            )
         cfg = plain_dict(features_cfg)
         keys = (set(cfg) | set(self.features)) - {"normalize"}
         diff = [
@@ -139,7 +153,6 @@ class FeatureStats:
             if cfg.get(k) != self.features.get(k)
         ]
         if diff:
-            where = self.path or "feature stats"
             raise ValueError(
                 f"{where}: computed with different mel features than configured ("
                 + "; ".join(diff)

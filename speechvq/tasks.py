@@ -37,7 +37,14 @@ from speechvq.audio import AudioError
 from speechvq.checkpoint import VQVAEMeta
 from speechvq.data.dataset import CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
-from speechvq.features import FeatureStats, FrontEnd, augment_mels, build_logmel, compute_stats
+from speechvq.features import (
+    FeatureStats,
+    FrontEnd,
+    augment_mels,
+    build_logmel,
+    compute_stats,
+    mel_centres,
+)
 from speechvq.files import write_json
 from speechvq.prior import (
     UnitSequences,
@@ -148,8 +155,11 @@ class VQVAETask:
             manifest=str(manifest.resolve()),
             valid_manifest=str(Path(data["valid_manifest"]).resolve()) if valid_rows else None,
         ).to_dict()
-        augment = data.get("augment") or {}
-        self.augment = {"warp": float(augment.get("warp", 0.0)), "eq": float(augment.get("eq", 0.0))}
+        augment = dict(data.get("augment") or {})
+        self.augment = {k: float(augment.get(k, 0.0)) for k in ("warp", "eq", "bandlimit")}
+        if mel:  # a band-limited input keeps at least the bins below 3.4 kHz (telephone band)
+            centres = mel_centres(build_logmel(self.features))
+            self.augment["min_bins"] = int((centres < 3400.0).sum())
         self._media_seconds = float(data["media_seconds"])
         self._media_rows = valid_rows or train_rows
         self._example: dict | None = None
@@ -165,7 +175,8 @@ class VQVAETask:
         """The VQ-VAE's own forward: ``loss``, the named losses, perplexity/usage/dead_codes.
         In training, with ``data.augment``, the encoder sees perturbed features
         (:func:`speechvq.features.augment_mels`) and the decoder reconstructs the clean ones."""
-        if model.training and "feats" in batch and (self.augment["warp"] or self.augment["eq"]):
+        if model.training and "feats" in batch and any(
+                self.augment[k] for k in ("warp", "eq", "bandlimit")):
             batch = {**batch, "encoder_input": augment_mels(batch["feats"], **self.augment)}
         return model(batch)
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from speechvq.cli._hydra import conf_dir
 from speechvq.data.manifest import ManifestRow
 from speechvq.features import (
+    FRONTEND_VERSION,
     STD_FLOOR,
     Z_MAX,
     FeatureStats,
@@ -192,3 +193,13 @@ def test_compute_stats_per_speaker_and_skips_bad_files(tmp_path, features_cfg, c
     absolute = compute_stats(rows[:4], {**features_cfg, "level": "absolute"}, progress=False)
     assert (absolute.speakers["loud"].mean > absolute.speakers["quiet"].mean + 3).all()
     assert stats.features == features_cfg
+
+
+def test_statistics_of_another_front_end_version_are_refused(features_cfg):
+    stats = _stats()
+    d = stats.to_dict()
+    assert d["frontend_version"] == FRONTEND_VERSION
+    old = FeatureStats.from_dict({k: v for k, v in d.items() if k != "frontend_version"},
+                                 path="old/stats.json")
+    with pytest.raises(ValueError, match="old/stats.json: made by front-end version 1.*re-run"):
+        old.check_features(features_cfg)

@@ -23,8 +23,10 @@ from speechvq.features import (
     STD_FLOOR,
     Z_MAX,
     FrontEnd,
+    active_frames,
     augment_mels,
     compute_stats,
+    level_reference,
     stats_for_rows,
 )
 from speechvq.synthesis import Synthesizer
@@ -120,7 +122,8 @@ def test_training_extraction_and_resynthesis_inputs_are_identical(trained):
     assert info["speakers_computed"] == 1
     extraction = ModelInput("mel", 320, SR, features, stats)
     synth.add_speakers(unseen)
-    units = extract_units(unseen, extraction, ChunkedEncoder(model, 30.0, None, 60.0), progress=False).units
+    encoder = ChunkedEncoder(model, 30.0, None, 60.0)
+    units = extract_units(unseen, extraction, encoder, progress=False).units
     for row in unseen:
         wav = load_audio(row.path)
         wav = wav[: wav.numel() // 320 * 320]
@@ -131,20 +134,28 @@ def test_training_extraction_and_resynthesis_inputs_are_identical(trained):
 # ---------------------------------------------------------------- level robustness
 
 
-def test_a_gain_of_001_keeps_the_units(trained):
+def test_a_gain_of_001_or_long_silences_keep_the_units(trained):
     model, meta = load_vqvae(trained["ckpt"])
     rows = _mini_rows("test", 2)
     quiet = _scaled_copy(rows, trained["tmp"] / "quiet_test", 0.01)
     loud = _scaled_copy(rows, trained["tmp"] / "loud_test", 3.0)  # clips nothing: float WAV
+    padded = []  # the same recordings with 2 s of silence on each side
+    for r in rows:
+        path = trained["tmp"] / f"padded_{r.id}.wav"
+        silence = np.zeros(2 * SR, dtype=np.float32)
+        sf.write(path, np.concatenate([silence, load_audio(r.path).numpy(), silence]), SR,
+                 subtype="FLOAT")
+        padded.append(ManifestRow(r.id, str(path), r.num_samples + 4 * SR, r.speaker))
     encoder = ChunkedEncoder(model, 30.0, None, 60.0)
     units = {}
-    for name, subset in (("normal", rows), ("quiet", quiet), ("loud", loud)):
+    for name, subset in (("normal", rows), ("quiet", quiet), ("loud", loud), ("padded", padded)):
         stats, _ = stats_for_rows(meta.features, meta.stats, subset)
         make_input = ModelInput("mel", 320, SR, meta.features, stats)
         units[name] = extract_units(subset, make_input, encoder, progress=False).units
     frames = sum(len(u) for u in units["normal"].values())
     assert frames > 500 and len(np.unique(np.concatenate(list(units["normal"].values())))) > 8
-    for name in ("quiet", "loud"):
+    units["padded"] = {i: u[100 : 100 + len(units["normal"][i])] for i, u in units["padded"].items()}
+    for name in ("quiet", "loud", "padded"):
         changed = sum(int((units[name][i] != units["normal"][i]).sum()) for i in units["normal"])
         assert changed <= 0.01 * frames, (name, changed, frames)
 
@@ -186,10 +197,14 @@ def test_normalised_bins_have_bounded_variance(tmp_path, mode):
     stats = compute_stats(rows, features, progress=False) if mode == "speaker" else None
     front = FrontEnd(features, stats)
     for row in rows:
-        feats = front(load_audio(row.path), row.speaker)
+        wav = load_audio(row.path)
+        feats = front(wav, row.speaker)
         assert torch.isfinite(feats).all() and feats.abs().max() <= Z_MAX, row.id
-        # the stated bound: over the data its statistics came from, a bin's variance is <= 1
-        var = feats.double().var(dim=1, unbiased=False)
+        # the stated bound: over the (active) frames its statistics came from, a bin's variance
+        # is at most 1; over any frames, values stay within +-Z_MAX
+        power = front.mel_power(wav, float(wav.double().mean()))
+        active = active_frames(power, level_reference(power))
+        var = feats[:, active].double().var(dim=1, unbiased=False)
         assert var.max() <= 1.0 + 1e-4, (row.id, float(var.max()))
     # the old failure: a quiet recording's high bins normalised by a near-zero std
     quiet = front.features_of(load_audio(rows[1].path))
@@ -228,3 +243,9 @@ def test_augmentation_perturbs_only_what_it_is_asked_to():
     eq = augment_mels(x, eq=0.5, generator=gen)
     shift = eq - x  # a colouring: one curve over the bins, the same in every frame
     torch.testing.assert_close(shift, shift[:, :, :1].expand_as(shift))
+    cut = augment_mels(x, bandlimit=1.0, min_bins=40, generator=gen)  # always band-limited
+    for b in range(4):
+        kept = int((cut[b].abs().sum(1) > 0).sum())
+        assert 40 <= kept < 80 and torch.equal(cut[b, :kept], x[b, :kept])
+        assert not cut[b, kept:].any()
+    assert torch.equal(augment_mels(x, bandlimit=1e-9, min_bins=40, generator=gen), x)
