@@ -10,7 +10,8 @@
    (or ``--steps``), validation on the valid split; the steps reached and steps/s are printed.
 3. ``speechvq-extract`` the test split with ``best.pt``.
 4. ``speechvq-evaluate`` against the phones, with MFCC + k-means fitted on the same train split,
-   as many clusters as units used, at the same rate.
+   as many clusters as units used, at the same rate (``--eval-split all``: the units of every
+   utterance instead of the test split's, to compare variants on a larger sample).
 5. A table: each metric for both systems and their ratio (speechvq / MFCC + k-means).
 
 Every stage is skipped when its output exists (``--force`` redoes them), so an interrupted run
@@ -101,16 +102,18 @@ def train(args: argparse.Namespace, data: Path, exp: Path, overrides: list[str])
 
 
 def evaluate(args: argparse.Namespace, data: Path, exp: Path) -> dict:
-    units = exp / "units" / "test.txt"
-    out = exp / "eval" / "test.json"
+    split = args.eval_split
+    manifest = data / ("manifest.tsv" if split == "all" else f"{split}.tsv")
+    units = exp / "units" / f"{split}.txt"
+    out = exp / "eval" / f"{split}.json"
     if out.exists() and not args.force:
         return json.loads(out.read_text())
     _run([_tool("speechvq-extract"), f"checkpoint={exp / 'checkpoints' / 'best.pt'}",
-          f"data.manifest={data / 'test.tsv'}", f"out={units}", "force=true"],
-         exp / "bench_extract.log")
+          f"data.manifest={manifest}", f"out={units}", "force=true"],
+         exp / f"bench_extract_{split}.log")
     _run([_tool("speechvq-evaluate"), f"units={units}", f"alignments={data / 'alignments'}",
-          f"data.manifest={data / 'test.tsv'}", f"baseline.train_manifest={data / 'train.tsv'}",
-          f"out={out}"], exp / "bench_evaluate.log")
+          f"data.manifest={manifest}", f"baseline.train_manifest={data / 'train.tsv'}",
+          f"out={out}"], exp / f"bench_evaluate_{split}.log")
     return json.loads(out.read_text())
 
 
@@ -146,6 +149,9 @@ def main() -> None:
     parser.add_argument("--valid", type=float, default=0.1)
     parser.add_argument("--test", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-split", choices=("test", "all"), default="test",
+                        help="units evaluated: the held-out test split (the protocol), or every "
+                        "utterance (a larger sample for comparing variants on a small corpus)")
     parser.add_argument("--force", action="store_true", help="redo every stage")
     args, overrides = parser.parse_known_args()
     bad = [o for o in overrides if "=" not in o]
@@ -158,7 +164,7 @@ def main() -> None:
     info = train(args, data, exp, overrides)
     report = evaluate(args, data, exp)
     text = table(report, info)
-    (exp / "bench_units.txt").write_text(text + "\n")
+    (exp / f"bench_units_{args.eval_split}.txt").write_text(text + "\n")
     print(text)
 
 
