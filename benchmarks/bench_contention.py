@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 WARMUP_STEPS = 20  # as speechvq.runtime.Throughput: the first steps set up kernels and caches
 BASELINE = ("unset", "auto")
-OMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+OMP_KEYS = ("SPEECHVQ_CPU", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "OMP_DISPLAY_ENV")
 NEIGHBOUR = "while True:\n    pass\n"  # one busy thread, no OpenMP, no numpy
 
@@ -122,10 +122,13 @@ def child_env(policy: str, threads: str) -> dict[str, str]:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     elif policy == "active":
         env["OMP_WAIT_POLICY"] = "ACTIVE"
+    elif policy == "shared":
+        env["SPEECHVQ_CPU"] = "shared"
     elif policy.startswith("spin:"):
         env["GOMP_SPINCOUNT"] = str(int(policy.split(":", 1)[1]))
     elif policy not in ("unset", "speechvq"):
-        raise SystemExit(f"unknown policy {policy!r}: unset, speechvq, passive, active, spin:N")
+        raise SystemExit(f"unknown policy {policy!r}: unset, speechvq, shared, passive, active, "
+                         "spin:N")
     if threads != "auto":
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(int(threads))
     return env

@@ -18,9 +18,10 @@ holds one of the cores, the partner thread is descheduled and the spinning threa
 it is waiting for, at every barrier: with one busy neighbour on 2 cores, training ran at 0.18x
 of its idle speed instead of the fair ~0.5x.
 
-Importing :mod:`speechvq` imports this module first, which calls :func:`apply_thread_policy`:
-``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once, spin count 0) unless the user set
-``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (then nothing is changed). Every console entry point
+Importing :mod:`speechvq` imports this module first; with ``SPEECHVQ_CPU=shared`` in the
+environment it calls :func:`apply_thread_policy`: ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at
+once, spin count 0) unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (then nothing is
+changed). Without it libgomp's default stays: on an idle machine it is a third faster. Every console entry point
 imports speechvq before torch, so the policy holds there, in DataLoader workers and in
 ``torchrun`` workers. A program that imports torch *before* speechvq keeps libgomp's spinning
 default (:data:`THREAD_POLICY` says ``"too late"``): import speechvq first, or set
@@ -82,8 +83,14 @@ def apply_thread_policy(
     return f"{what} (set by speechvq)"
 
 
-#: What :func:`apply_thread_policy` did when speechvq was imported (logged with slowdowns).
-THREAD_POLICY: str = apply_thread_policy()
+#: ``SPEECHVQ_CPU=shared`` applies :data:`DEFAULT_ENV` when speechvq is imported. It is not the
+#: default: measured on 2 cores (README, ``benchmarks/bench_contention.py``), passive waiting
+#: keeps 0.62x of the idle speed beside one busy process (0.27x with libgomp's spinning) but costs
+#: a third of the idle speed itself. What was done is logged with slowdowns.
+THREAD_POLICY: str = (
+    apply_thread_policy() if os.environ.get("SPEECHVQ_CPU") == "shared"
+    else "libgomp's default (SPEECHVQ_CPU=shared or OMP_WAIT_POLICY=PASSIVE for a busy machine)"
+)
 
 
 # ------------------------------------------------------------------------------------ ranks

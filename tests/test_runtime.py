@@ -59,9 +59,11 @@ def _spincount(code: str, **env: str) -> str:
 
 
 def test_libgomp_takes_the_policy_only_when_speechvq_comes_first() -> None:
-    assert _spincount("import speechvq, torch") == "0"  # passive: sleep at once
-    assert _spincount("import torch, speechvq") != "0"  # libgomp was loaded before: too late
-    assert _spincount("import speechvq, torch", GOMP_SPINCOUNT="1234") == "1234"  # the user's
+    shared = {"SPEECHVQ_CPU": "shared"}
+    assert _spincount("import speechvq, torch", **shared) == "0"  # passive: sleep at once
+    assert _spincount("import torch, speechvq", **shared) != "0"  # libgomp loaded before: too late
+    assert _spincount("import speechvq, torch", GOMP_SPINCOUNT="1234", **shared) == "1234"
+    assert _spincount("import speechvq, torch") != "0"  # the default: libgomp's own
 
 
 # ---------------------------------------------------------------- the speed monitor
