@@ -4,12 +4,44 @@ required ``???`` value left out)."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+def conf_dir() -> Path:
+    """The folder holding the hydra configs (``SPEECHVQ_CONF`` or the repo's ``conf/``)."""
+    env = os.environ.get("SPEECHVQ_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "train.yaml").exists() and not any(path.glob("*.yaml")):
+        raise SystemExit(
+            f"speechvq: no hydra configs found in {path}. Install speechvq from a clone with "
+            "`pip install -e .` or point SPEECHVQ_CONF at a copy of the repository's conf/ folder."
+        )
+    return path
+
+
+class StageError(Exception):
+    """An error a stage reports to the user as one clear line (no traceback)."""
+
+
+def call(fn: Callable[..., T], *args: Any, errors: tuple[type[Exception], ...]) -> T:
+    """``fn(*args)``: the one library call of a stage; its user errors (``errors``, whose
+    messages are one line naming the file or key) become a :class:`StageError`."""
+    try:
+        return fn(*args)
+    except errors as err:
+        raise StageError(str(err)) from None
+
 
 
 def one_line(err: Exception) -> str:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +25,14 @@ from omegaconf.errors import MissingMandatoryValue
 
 from speechvq.audio import AudioError
 from speechvq.checkpoint import CheckpointError, OutputInUseError
-from speechvq.cli._config import check_config, missing_key, missing_values
+from speechvq.cli._config import (  # noqa: F401 (StageError, call, conf_dir: the CLIs' API)
+    StageError,
+    call,
+    check_config,
+    conf_dir,
+    missing_key,
+    missing_values,
+)
 from speechvq.files import WriteError, probe_writable, write_problem
 
 log = logging.getLogger("speechvq")
@@ -36,31 +42,6 @@ T = TypeVar("T")
 OmegaConf.register_new_resolver(
     "speechvq_dirname", lambda p: str(Path(str(p)).parent), replace=True
 )
-
-
-def conf_dir() -> Path:
-    """The folder holding the hydra configs (``SPEECHVQ_CONF`` or the repo's ``conf/``)."""
-    env = os.environ.get("SPEECHVQ_CONF")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    if not (path / "train.yaml").exists() and not any(path.glob("*.yaml")):
-        raise SystemExit(
-            f"speechvq: no hydra configs found in {path}. Install speechvq from a clone with "
-            "`pip install -e .` or point SPEECHVQ_CONF at a copy of the repository's conf/ folder."
-        )
-    return path
-
-
-class StageError(Exception):
-    """An error a stage reports to the user as one clear line (no traceback)."""
-
-
-def call(fn: Callable[..., T], *args: Any, errors: tuple[type[Exception], ...]) -> T:
-    """``fn(*args)``: the one library call of a stage; its user errors (``errors``, whose
-    messages are one line naming the file or key) become a :class:`StageError`."""
-    try:
-        return fn(*args)
-    except errors as err:
-        raise StageError(str(err)) from None
 
 
 def _run_reported(run: Callable[[DictConfig], int | None], cfg: DictConfig) -> None:
