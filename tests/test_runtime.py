@@ -180,3 +180,23 @@ def test_fit_logs_speed_and_warns_once_when_it_drops(tmp_path: Path, monkeypatch
     msg = slow[0].getMessage()
     assert "of the 8 steps/s of its first window (steps 20-120)" in msg
     assert "trainer.max_minutes" in msg and runtime.THREAD_POLICY in msg
+
+
+def test_threads_follow_the_cores_other_processes_leave_free() -> None:
+    from speechvq.runtime import busy_cores, choose_threads
+
+    cores = len(os.sched_getaffinity(0))
+    env: dict[str, str] = {}
+    choose_threads(env, busy=0.1)
+    assert env == {}  # an idle machine: torch's default (every core)
+    if cores >= 2:
+        line = choose_threads(env, busy=1.0)
+        assert env == {"OMP_NUM_THREADS": str(cores - 1)} and "1.0 of" in line
+        env = {"OMP_NUM_THREADS": "3"}
+        choose_threads(env, busy=1.0)
+        assert env == {"OMP_NUM_THREADS": "3"}  # the user's choice stays
+        env = {"SPEECHVQ_CPU": "shared"}
+        choose_threads(env, busy=1.0)
+        assert "OMP_NUM_THREADS" not in env
+    measured = busy_cores(0.05)
+    assert measured is None or -0.5 <= measured <= (os.cpu_count() or 1) + 0.5
