@@ -254,3 +254,28 @@ def test_augmentation_perturbs_only_what_it_is_asked_to():
         assert 40 <= kept < 80 and torch.equal(cut[b, :kept], x[b, :kept])
         assert not cut[b, kept:].any()
     assert torch.equal(augment_mels(x, bandlimit=1e-9, min_bins=40, generator=gen), x)
+
+
+class _Spy(torch.nn.Module):
+    """Stands in for the model: records the batch the task hands it."""
+
+    def forward(self, batch: dict) -> dict:
+        self.seen = batch
+        return {"loss": torch.zeros(())}
+
+
+def test_training_steps_augment_the_encoder_input_only(trained):
+    cfg = _train_cfg(trained["tmp"] / "normal" / "train.tsv")
+    assert cfg["data"]["augment"]["bandlimit"] == 0.3  # the default (conf/data/manifest.yaml)
+    cfg["data"]["augment"]["bandlimit"] = 1.0  # every crop band-limited
+    task = VQVAETask(cfg, progress=False)
+    batch = task.collate([task.train_set[i] for i in range(4)])
+    spy = _Spy()
+    task.step(spy, batch)
+    seen = spy.seen
+    assert torch.equal(seen["feats"], batch["feats"])  # the decoder's target stays clean
+    lost = (seen["encoder_input"] == 0).all(dim=2)  # (B, n_mels): bins removed whole
+    assert lost.any(dim=1).all() and not lost[:, : task.augment["min_bins"]].any()
+    spy.eval()  # validation: no augmentation
+    task.step(spy, batch)
+    assert "encoder_input" not in spy.seen
