@@ -32,16 +32,11 @@ from pathlib import Path
 
 import torch
 
-ROWS = [  # (JSON key, label, lower is better)
-    ("pnmi", "PNMI", False),
-    ("phone_purity", "phone purity", False),
-    ("abx_within_codevec", "ABX within, code vectors (%)", True),
-    ("abx_across_codevec", "ABX across, code vectors (%)", True),
-    ("abx_within", "ABX within, one-hot (%)", True),
-    ("abx_across", "ABX across, one-hot (%)", True),
-    ("used", "units used", False),
-    ("bitrate", "bitrate (bit/s)", False),
-]
+from speechvq.baseline import ROWS
+
+# the metrics compared, in this order; labels and scales are speechvq-evaluate's (baseline.ROWS)
+KEYS = ("pnmi", "phone_purity", "abx_within_codevec", "abx_across_codevec", "abx_within",
+        "abx_across", "used", "bitrate")
 
 
 def _tool(name: str) -> str:
@@ -120,11 +115,12 @@ def evaluate(args: argparse.Namespace, data: Path, exp: Path) -> dict:
 def table(report: dict, info: dict) -> str:
     ours, base = report["metrics"], (report.get("baseline") or {}).get("metrics", {})
     lines = [f"{'metric':32s}{'speechvq':>12s}{'MFCC+k-means':>14s}{'ratio':>8s}"]
-    for key, label, _ in ROWS:
+    labels = {key: (label, scale) for key, label, scale, _ in ROWS}
+    for key in KEYS:
         a, b = ours.get(key), base.get(key)
         if a is None:
             continue
-        scale = 100.0 if key.startswith("abx") else 1.0
+        label, scale = labels[key]
         ratio = f"{a / b:8.2f}" if isinstance(b, (int, float)) and b else f"{'-':>8s}"
         fb = f"{b * scale:14.3f}" if isinstance(b, (int, float)) else f"{'-':>14s}"
         lines.append(f"{label:32s}{a * scale:12.3f}{fb}{ratio}")
