@@ -55,7 +55,7 @@ def _run(cmd: list[str], log_path: Path) -> None:
         sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
 
 
-def prepare(args: argparse.Namespace, data: Path) -> None:
+def prepare(args: argparse.Namespace, data: Path, need_alignments: bool = True) -> None:
     if (data / "test.tsv").exists() and not args.force:
         print(f"prepare: {data} exists, reused")
         return
@@ -69,7 +69,7 @@ def prepare(args: argparse.Namespace, data: Path) -> None:
         if args.alignments:
             cmd.append(f"data.alignments={args.alignments}")
     _run(cmd, data / "bench_prepare.log")
-    if not (data / "alignments").is_dir():
+    if need_alignments and not (data / "alignments").is_dir():
         sys.exit(f"{data}/alignments: no alignments were found for the corpus")
 
 

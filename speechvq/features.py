@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from speechvq.audio import AudioError, load_audio
+from speechvq.pitch import F0_MAX, F0_MIN, PITCH_CHANNELS, f0_track, pitch_features
 from speechvq.stats import FRONTEND_VERSION as FRONTEND_VERSION  # stamped on the statistics
 from speechvq.stats import (
     STD_FLOOR,
@@ -178,6 +179,7 @@ class UtteranceState:
     dc: float
     ref: float
     moments: Moments | None = None
+    pitch: Tensor | None = None  # (2, F) the whole utterance's pitch condition, once measured
 
 
 class FrontEnd:
@@ -258,6 +260,19 @@ class FrontEnd:
         if self.mode == "utterance" or (self.mode == "speaker" and self.stats is not None):
             moments = _frame_moments(self.log_mels(power, ref)[:, active_frames(power, ref)])
         return UtteranceState(dc, ref, moments)
+
+    def pitch(self, wav: Tensor, num_samples: int | None = None, f0_min: float = F0_MIN,
+              f0_max: float = F0_MAX) -> Tensor:
+        """The decoder's pitch condition of a whole utterance ``wav (T,)``: ``(2, T // hop)``,
+        standardised log-F0 and voicing (:func:`speechvq.pitch.pitch_features`) at the mel
+        frames; DC removed first, frames past ``num_samples`` zero."""
+        n = wav.numel() if num_samples is None else int(num_samples)
+        x = wav[:n].double()
+        x = x - x.mean() if n else x
+        f0 = f0_track(x, self.sample_rate, self.logmel.hop_length, f0_min, f0_max)
+        out = torch.zeros(PITCH_CHANNELS, self.num_frames(wav.numel()))
+        out[:, : f0.shape[0]] = pitch_features(f0)
+        return out
 
     def features_of(self, wav: Tensor, state: UtteranceState | None = None) -> Tensor:
         """Un-normalised log-mels ``(n_mels, T // hop)`` of ``wav`` (a whole utterance, or a crop

@@ -1,7 +1,8 @@
 """The listening page: ``index.html`` beside the WAVs, one spectrogram PNG per clip.
 
 A page is a list of :class:`Row` (one utterance or one sample), each holding :class:`Clip` (a WAV
-under the page's folder, with a label and optionally its unit sequence). Every link is relative, so
+under the page's folder, with a label and optionally its unit sequence); each clip is drawn as its
+log-mel spectrogram with its F0 track underneath. Every link is relative, so
 the folder can be copied or served anywhere; every piece of text is html-escaped. The same clips can
 be written to TensorBoard with :func:`log_to_tensorboard`.
 """
@@ -23,10 +24,12 @@ import torch
 from speechvq.audio import load_audio
 from speechvq.features import build_logmel
 from speechvq.files import atomic_write, write_text
+from speechvq.pitch import f0_track
 from speechvq.units import dedup
 
 log = logging.getLogger(__name__)
 
+F0_PLOT_RANGE = (50.0, 400.0)  # Hz, the F0 panel under each spectrogram
 UNITS_SHOWN = 80  # deduplicated units shown inline; the full sequence goes in a <details>
 
 _CSS = """
@@ -70,22 +73,33 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _mel_png(wav_path: Path, png_path: Path, features_cfg: Mapping) -> None:
-    """Plot the (un-normalised) log-mel spectrogram of ``wav_path`` into ``png_path``, atomically."""
+    """Plot the (un-normalised) log-mel spectrogram of ``wav_path`` and, below it, its F0 track
+    (:func:`speechvq.pitch.f0_track`, voiced frames) into ``png_path``, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     logmel = build_logmel(features_cfg)
-    wav = load_audio(wav_path, sample_rate=int(features_cfg["sample_rate"]))
+    sr = int(features_cfg["sample_rate"])
+    wav = load_audio(wav_path, sample_rate=sr)
     with torch.no_grad():
         mel = logmel(wav).numpy()
-    seconds = wav.numel() / float(features_cfg["sample_rate"])
-    fig = Figure(figsize=(6, 2.2), dpi=80)
+    f0 = f0_track(wav, sr, logmel.hop_length).numpy()
+    seconds = wav.numel() / float(sr)
+    fig = Figure(figsize=(6, 3.0), dpi=80)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.1, 0.24, 0.88, 0.72))
+    ax = fig.add_axes((0.1, 0.42, 0.88, 0.55))
     ax.imshow(mel, origin="lower", aspect="auto", cmap="magma",
               extent=(0.0, seconds, 0, mel.shape[0]))
-    ax.set_xlabel("seconds")
     ax.set_ylabel("mel bin")
+    ax.tick_params(labelbottom=False)
+    axf = fig.add_axes((0.1, 0.16, 0.88, 0.22), sharex=ax)
+    times = (np.arange(f0.size) + 0.5) * logmel.hop_length / sr
+    voiced = f0 > 0
+    axf.plot(times[voiced], f0[voiced], ".", markersize=2, color="tab:blue")
+    axf.set_ylim(F0_PLOT_RANGE)
+    axf.set_xlim(0.0, seconds)
+    axf.set_ylabel("F0 (Hz)")
+    axf.set_xlabel("seconds")
     atomic_write(png_path, lambda f: fig.savefig(f, format="png"), mode="wb")
 
 

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from speechvq import quality
 from speechvq.audio import AudioError, load_audio, save_audio
 from speechvq.checkpoint import CheckpointError, VQVAEMeta
 from speechvq.data.manifest import ManifestRow, read_manifest
@@ -122,6 +124,8 @@ class Synthesizer:
         state = None
         if self.front is not None:
             state = self.front.measure(wav.cpu())
+            if self.vqvae.pitch_range is not None:  # the melody, for decode()
+                state.pitch = self.front.pitch(wav.cpu(), None, *self.vqvae.pitch_range)
             x = self.front(wav.cpu(), speaker, state).to(self.device).unsqueeze(0)
         else:
             x = wav.to(self.device).unsqueeze(0)
@@ -152,13 +156,17 @@ class Synthesizer:
 
     @torch.no_grad()
     def decode(self, units: Tensor, speakers: str | Sequence[str], seed: int = 0,
-               state: UtteranceState | None = None) -> Tensor:
+               state: UtteranceState | None = None, pitch: Tensor | None = None) -> Tensor:
         """units: (B, U) or (U,) ids -> audio (B, U * samples_per_unit) or (T,), float32 on CPU.
 
         ``speakers``: one name for all, or one per sequence; the decoder is conditioned on it and
         (mel models) the features are denormalised with its statistics before the vocoder, or
         with the source utterance's own (``state`` from :meth:`encode_with_state`) when the
         front-end normalises per utterance (reconstruction).
+
+        Models with a pitch condition: ``pitch`` ``(2, 2U)`` or ``(B, 2, 2U)`` (a source's
+        :meth:`speechvq.features.FrontEnd.pitch`; its contour is rendered in each target voice's
+        range), else ``state.pitch``, else the F0 the model predicts from the units.
         """
         single = units.dim() == 1
         units = units.reshape(1, -1) if single else units
@@ -166,7 +174,14 @@ class Synthesizer:
         if len(names) != units.size(0):
             raise ValueError(f"{len(names)} speakers for {units.size(0)} unit sequences")
         index = torch.tensor([self.speaker_index(s) for s in names], device=self.device)
-        out = self.vqvae.decode(units.to(self.device), index)
+        if pitch is None and state is not None:
+            pitch = state.pitch
+        if pitch is not None and self.vqvae.pitch_enabled:
+            pitch = pitch.reshape(-1, *pitch.shape[-2:]).expand(units.size(0), -1, -1)
+            pitch = pitch[..., : units.size(1) * self.vqvae.decoder.upsampling].to(self.device)
+        else:
+            pitch = None
+        out = self.vqvae.decode(units.to(self.device), index, pitch)
         if self.vqvae.kind == "mel":
             out = self.front.denormalize(out.float().cpu(), names, state)
             out = griffin_lim(out, self.features, seed=seed, **self.vocoder)
@@ -229,18 +244,21 @@ def write_samples(synth: Synthesizer, prior: Prior, prior_speakers: Sequence[str
 
 
 def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Path,
-                      targets: Sequence[str], seed: int = 0) -> list[Row]:
-    """Reconstruction and voice conversion of manifest ``rows``; returns page rows.
+                      targets: Sequence[str], seed: int = 0, score: bool = True
+                      ) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Reconstruction and voice conversion of manifest ``rows``; returns (page rows, scores).
 
     Writes ``out_dir/original/<id>.wav`` (the input at the model's rate),
     ``out_dir/reconstruction/<id>.wav`` (decoded with the utterance's own speaker when the
     checkpoint knows it, else with the first target or its first speaker; the page says which) and
-    ``out_dir/converted/<target>/<id>.wav`` for every other target speaker.
+    ``out_dir/converted/<target>/<id>.wav`` for every other target speaker. With ``score``, each
+    reconstruction is scored against its original (:func:`speechvq.quality.score`: STOI, MCD,
+    narrow-band PESQ when ``pesq`` is installed): ``[{"id", "stoi", "mcd", ...}]``.
     """
     out_dir = Path(out_dir)
     synth.add_speakers(rows)  # unseen speakers: their own statistics, as extraction uses
-    page = []
-    for row in rows:
+    page, scores = [], []
+    for row in tqdm(rows, desc="resynthesis", unit="utt", disable=len(rows) < 10):
         wav = load_audio(row.path, synth.sample_rate)
         units, state = synth.encode_with_state(wav, row.speaker)
         name = safe_name(row.id) + ".wav"
@@ -250,18 +268,24 @@ def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Pa
         voice = row.speaker if own else (list(targets) or synth.speakers)[0]
         clips = [Clip(original, "original", None, f"speaker {row.speaker}")]
         recon = out_dir / "reconstruction" / name
-        save_audio(recon, synth.decode(units, voice, seed=seed, state=state), synth.sample_rate)
+        audio = synth.decode(units, voice, seed=seed, state=state)
+        save_audio(recon, audio, synth.sample_rate)
         note = f"decoded as {voice}" + ("" if own else f" ({row.speaker} unknown to the model)")
+        if score and synth.features:
+            figures = quality.score(wav[: audio.numel()], audio, synth.features, pesq=True)
+            scores.append({"id": row.id, **figures})
+            note += "; " + quality.describe(figures)
         clips.append(Clip(recon, "reconstruction", units.cpu().numpy(), note))
         others = [t for t in targets if t != voice]
         if others:
-            converted = synth.decode(units.expand(len(others), -1), others, seed=seed)
+            converted = synth.decode(units.expand(len(others), -1), others, seed=seed,
+                                     pitch=state.pitch if state is not None else None)
             for target, audio in zip(others, converted, strict=True):
                 path = out_dir / "converted" / safe_name(target) / name
                 save_audio(path, audio, synth.sample_rate)
                 clips.append(Clip(path, f"as {target}", None, "voice conversion"))
         page.append(Row(row.id, clips))
-    return page
+    return page, scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,11 +392,14 @@ class ResynthJob:
     vocoder: dict
     tensorboard: bool
     out_dir: str
+    score: bool = True
 
 
-def resynthesize(job: ResynthJob) -> tuple[int, Path]:
+def resynthesize(job: ResynthJob) -> tuple[int, Path, dict[str, float]]:
     """Reconstruction and voice conversion of the chosen utterances (:func:`write_resynthesis`),
-    with ``OUT/index.html`` and ``OUT/tb/``; returns (utterances, the page)."""
+    with ``OUT/index.html``, ``OUT/tb/`` and, with ``job.score``, ``OUT/quality.tsv`` (one line
+    per reconstruction) and ``OUT/quality.json`` (the means); returns (utterances, the page, the
+    means)."""
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -380,15 +407,22 @@ def resynthesize(job: ResynthJob) -> tuple[int, Path]:
         synth = Synthesizer.from_checkpoint(job.checkpoint, job.vocoder,
                                             device=resolve_device(job.device))
         targets = resolve_speakers(job.speaker, synth.speakers, str(job.checkpoint))
-        page = write_resynthesis(synth, rows, out_dir, targets, seed=job.seed)
+        page, scores = write_resynthesis(synth, rows, out_dir, targets, seed=job.seed,
+                                         score=job.score)
     except _USER_ERRORS as err:
         raise SynthesisError(str(err).strip('"')) from None
+    means = quality.means(scores)
+    if scores:
+        quality.write_scores(out_dir, scores, means)
     intro = (f"{len(rows)} utterance(s) from {job.manifest} through {job.checkpoint}: "
              f"original, reconstruction, and {len(targets)} target voice(s)")
+    if means:
+        intro += (f". Reconstructions against their originals (mean of {len(scores)}): "
+                  f"{quality.describe(means)}")
     index = write_report(out_dir, page, "speechvq resynthesis", synth.features or None, intro)
     if job.tensorboard:
         log_to_tensorboard(out_dir / "tb", page, sample_rate=synth.sample_rate)
-    return len(rows), index
+    return len(rows), index, means
 
 
 def choose_rows(rows: list[ManifestRow], ids: Sequence[str] | None, n: int | None, seed: int,

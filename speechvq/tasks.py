@@ -138,10 +138,12 @@ class VQVAETask:
                                      crop_seconds=float(data["crop_seconds"]),
                                      sample_rate=sample_rate,
                                      samples_per_unit=self.samples_per_unit, seed=int(cfg["seed"]),
-                                     cache_audio=_cache_audio(data.get("cache", False), train_rows))
+                                     cache_audio=_cache_audio(data.get("cache", False), train_rows),
+                                     pitch=self.model.pitch_range)
         self.valid_set = (UtteranceDataset(valid_rows, self.speakers, self.stats, feats_cfg,
                                            sample_rate=sample_rate,
-                                           samples_per_unit=self.samples_per_unit)
+                                           samples_per_unit=self.samples_per_unit,
+                                           pitch=self.model.pitch_range)
                           if valid_rows else None)
         self.meta = VQVAEMeta(
             kind=self.model.kind,
@@ -191,7 +193,8 @@ class VQVAETask:
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in example.items()}
         sr = int(self.features["sample_rate"])
         if model.kind == "mel":
-            recon = model.reconstruct(batch["feats"], batch["speaker"], batch["mask"])
+            recon = model.reconstruct(batch["feats"], batch["speaker"], batch["mask"],
+                                      batch.get("pitch"))
             target = self._denormalize(batch["feats"][0])
             output = self._denormalize(recon[0])
             audio = griffin_lim(output, self.features)
@@ -216,7 +219,8 @@ class VQVAETask:
             dataset = UtteranceDataset(self._media_rows[:20], self.speakers, self.stats,
                                        self.features if self.model.kind == "mel" else None,
                                        sample_rate=sample_rate,
-                                       samples_per_unit=self.samples_per_unit)
+                                       samples_per_unit=self.samples_per_unit,
+                                       pitch=self.model.pitch_range)
             item = next((it for it in (dataset[i] for i in range(len(dataset))) if it), None)
             if item is None:
                 return None
@@ -300,8 +304,9 @@ def _trim(item: dict, seconds: float, sample_rate: int, samples_per_unit: int) -
     wav, hop = item["wav"], samples_per_unit
     n = min(wav.numel(), max(hop, int(seconds * sample_rate) // hop * hop))
     out = {**item, "wav": wav[:n], "num_samples": min(item["num_samples"], n)}
-    if "feats" in item:
-        out["feats"] = item["feats"][:, : n * item["feats"].shape[-1] // max(wav.numel(), 1)]
+    for key in ("feats", "pitch"):
+        if key in item:
+            out[key] = item[key][:, : n * item[key].shape[-1] // max(wav.numel(), 1)]
     return out
 
 

@@ -6,7 +6,7 @@ codebook stats. The loss names are the keys ``loss_weights`` may use:
 
 - mel model: ``recon`` (masked MSE on normalised log-mels), ``vq_codebook``, ``vq_commit``,
   ``cpc`` (contrastive prediction of future latents, :class:`speechvq.nn.cpc.CPCHead`; computed
-  only with a non-zero weight);
+  only with a non-zero weight), ``f0`` (the F0 predictor's loss, with ``pitch.enabled``);
 - wave model: ``stft`` (multi-resolution STFT loss), ``l1`` (waveform L1), ``vq_codebook``,
   ``vq_commit``.
 
@@ -29,12 +29,13 @@ from torch import nn
 
 from speechvq.checkpoint import VQVAEMeta, load_checkpoint, load_model_state
 from speechvq.nn.cpc import CPCHead
-from speechvq.nn.decoder import MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
+from speechvq.nn.decoder import F0Predictor, MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
 from speechvq.nn.encoder import MelEncoder, WaveEncoder
 from speechvq.nn.quantizer import VectorQuantizer
+from speechvq.pitch import F0_MAX, F0_MIN, PITCH_CHANNELS
 
 LOSS_NAMES = {
-    "mel": ("recon", "vq_codebook", "vq_commit", "cpc"),
+    "mel": ("recon", "vq_codebook", "vq_commit", "cpc", "f0"),
     "wave": ("stft", "l1", "vq_codebook", "vq_commit"),
 }
 STAT_NAMES = ("perplexity", "usage", "dead_codes")
@@ -62,6 +63,11 @@ class VQVAE(nn.Module):
             only).
         cpc: kwargs of :class:`speechvq.nn.cpc.CPCHead` minus ``dim`` (mel model; used when
             ``loss_weights["cpc"]`` is non-zero).
+        pitch: the F0 condition (mel model): ``{"enabled": bool, "f0_min": Hz, "f0_max": Hz,
+            "predictor_channels": int}``. Enabled, the decoder takes the batch's ``pitch``
+            ``(B, 2, F)`` (:meth:`speechvq.features.FrontEnd.pitch`) and an
+            :class:`~speechvq.nn.decoder.F0Predictor` learns it from the units, for decoding
+            without a source.
     """
 
     def __init__(
@@ -76,8 +82,17 @@ class VQVAE(nn.Module):
         mel_hop: int | None = None,
         stft_resolutions: list[list[int]] | None = None,
         cpc: Mapping[str, Any] | None = None,
+        pitch: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        pitch = dict(pitch or {})
+        self.pitch_enabled = bool(pitch.get("enabled", False))
+        if self.pitch_enabled and kind != "mel":
+            raise ValueError("the pitch condition (model.pitch.enabled) is for the mel model only")
+        self.pitch_range: tuple[float, float] | None = (
+            (float(pitch.get("f0_min", F0_MIN)), float(pitch.get("f0_max", F0_MAX)))
+            if self.pitch_enabled else None
+        )
         if kind not in LOSS_NAMES:
             raise ValueError(f"model kind must be 'mel' or 'wave', got {kind!r}")
         unknown = sorted(set(loss_weights) - set(LOSS_NAMES[kind]))
@@ -94,7 +109,8 @@ class VQVAE(nn.Module):
             if mel_hop is None:
                 raise ValueError("the mel model needs mel_hop (the feature hop in samples)")
             self.encoder = MelEncoder(**encoder)
-            self.decoder = MelDecoder(**decoder, n_speakers=n_speakers)
+            self.decoder = MelDecoder(**decoder, n_speakers=n_speakers,
+                                      pitch_channels=PITCH_CHANNELS if self.pitch_enabled else 0)
             self.mel_hop = int(mel_hop)
         else:
             if not stft_resolutions:
@@ -105,6 +121,11 @@ class VQVAE(nn.Module):
         self.downsampling: int = self.encoder.downsampling
         self.samples_per_unit: int = (self.mel_hop or 1) * self.downsampling
         self.quantizer = VectorQuantizer(**quantizer)
+        self.f0_predictor = None
+        if self.pitch_enabled:
+            self.f0_predictor = F0Predictor(int(encoder["out_channels"]),
+                                            int(decoder["speaker_dim"]),
+                                            int(pitch.get("predictor_channels", 64)))
         self.cpc = None
         if self.loss_weights.get("cpc", 0.0):
             self.cpc = CPCHead(int(self.quantizer.dim), **dict(cpc or {}))
@@ -122,7 +143,8 @@ class VQVAE(nn.Module):
         """batch: ``wav`` (B, T), ``feats`` (B, n_mels, F) [mel], ``speaker`` (B,) long,
         ``mask`` (B, U) bool valid units [optional], ``encoder_input`` (an augmented copy of the
         input, same shape) [optional: the encoder sees it, the decoder still reconstructs the
-        clean input]. Returns ``{"loss", <losses>, <stats>}``."""
+        clean input], ``pitch`` (B, 2, F) [with ``pitch.enabled``]. Returns
+        ``{"loss", <losses>, <stats>}``."""
         x = self._input(batch)
         z = self.encoder(batch.get("encoder_input", x))
         B, _, U = z.shape
@@ -133,11 +155,22 @@ class VQVAE(nn.Module):
             raise ValueError(f"batch mask has {mask.shape[-1]} units, the encoder made {U}")
         mask = mask[:, :U].to(z.device)
         z_q, _, vq = self.quantizer(z, mask)
-        y_hat = self.decoder(z_q, batch["speaker"], mask)
+        pitch = None
+        if self.pitch_enabled:
+            if "pitch" not in batch:
+                raise KeyError("a model with pitch.enabled needs batch['pitch'] (B, 2, F)")
+            pitch = batch["pitch"].to(z.device)
+        y_hat = self.decoder(z_q, batch["speaker"], mask, pitch=pitch)
         out = {**self._recon_losses(x, y_hat, mask), "vq_codebook": vq["vq_codebook"]}
         out["vq_commit"] = vq["vq_commit"]
         if self.kind == "mel":
             out["cpc"] = self.cpc(z, mask) if self.cpc is not None else z.new_zeros(())
+            out["f0"] = z.new_zeros(())
+            if self.f0_predictor is not None:
+                s = self.decoder.speaker(batch["speaker"]).detach()
+                raw = self.f0_predictor(z_q.detach(), s)
+                out["f0"] = self.f0_predictor.loss(
+                    raw, pitch, mask.repeat_interleave(self.decoder.upsampling, dim=1))
         out["loss"] = sum(self.loss_weights.get(k, 0.0) * out[k] for k in LOSS_NAMES[self.kind])
         out.update({k: vq[k].detach() for k in STAT_NAMES})
         return out
@@ -165,18 +198,35 @@ class VQVAE(nn.Module):
         return self.quantizer.encode(self.encoder(x), mask)
 
     @torch.no_grad()
-    def decode(self, indices: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+    def predict_pitch(self, indices: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        """indices: (B, U) long, speaker: (B,) long -> the predicted pitch condition (B, 2, 2U)
+        (models with ``pitch.enabled``)."""
+        if self.f0_predictor is None:
+            raise ValueError("this model has no pitch condition (model.pitch.enabled: false)")
+        z_q = self.quantizer.decode(indices)
+        raw = self.f0_predictor(z_q, self.decoder.speaker(speaker))
+        return F0Predictor.condition(raw)
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor, speaker: torch.Tensor,
+               pitch: torch.Tensor | None = None) -> torch.Tensor:
         """indices: (B, U) long, speaker: (B,) long -> normalised log-mels
         (B, n_mels, downsampling * U) [mel] or waveform (B, samples_per_unit * U) [wave]. No
-        jitter."""
-        return self.decoder(self.quantizer.decode(indices), speaker, jitter=False)
+        jitter. ``pitch`` (B, 2, 2U): the F0 condition (models with ``pitch.enabled``; default:
+        predicted from the units, :meth:`predict_pitch`); ignored by models without it."""
+        if self.pitch_enabled and pitch is None:
+            pitch = self.predict_pitch(indices, speaker)
+        return self.decoder(self.quantizer.decode(indices), speaker, jitter=False,
+                            pitch=pitch if self.pitch_enabled else None)
 
     @torch.no_grad()
     def reconstruct(
-        self, x: torch.Tensor, speaker: torch.Tensor, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, speaker: torch.Tensor, mask: torch.Tensor | None = None,
+        pitch: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """decode(encode(x), speaker): resynthesis, or voice conversion with another speaker."""
-        return self.decode(self.encode(x, mask), speaker)
+        """decode(encode(x), speaker, pitch): resynthesis, or voice conversion with another
+        speaker."""
+        return self.decode(self.encode(x, mask), speaker, pitch)
 
 
 def build_vqvae(

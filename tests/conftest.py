@@ -130,14 +130,16 @@ TINY_PRIOR = dict(block_size=256, n_layer=2, n_head=2, n_embd=32, dropout=0.0, b
 
 @pytest.fixture(scope="session")
 def tiny_vqvae(tiny_vqvae_cfg, save_vqvae) -> Callable[..., Path]:
-    """``tiny_vqvae(path, speakers=("alice", "bob"), n_codes=32)``: a randomly initialised mel
-    VQ-VAE (codebook spread so encoding uses several codes, speech-like statistics per speaker)
-    saved as a checkpoint; returns ``path``."""
+    """``tiny_vqvae(path, speakers=("alice", "bob"), n_codes=32, pitch=False)``: a randomly
+    initialised mel VQ-VAE (codebook spread so encoding uses several codes, speech-like statistics
+    per speaker; ``pitch``: with the F0 condition) saved as a checkpoint; returns ``path``."""
     from speechvq.features import Moments
     from speechvq.vqvae import build_vqvae
 
-    def make(path: Path, speakers: Sequence[str] = SPEAKERS, n_codes: int = 32) -> Path:
+    def make(path: Path, speakers: Sequence[str] = SPEAKERS, n_codes: int = 32,
+             pitch: bool = False) -> Path:
         cfg = tiny_vqvae_cfg("mel", n_codes=n_codes)
+        cfg["model"]["pitch"]["enabled"] = pitch
         torch.manual_seed(0)
         model = build_vqvae(cfg["model"], cfg["quantizer"], n_speakers=len(speakers))
         with torch.no_grad():

@@ -4,10 +4,12 @@ Crops and utterances are kept to whole units of the model's ``samples_per_unit``
 model: :attr:`speechvq.vqvae.VQVAE.samples_per_unit`), so mel frames, units and masks line up.
 
 Items are dicts ``{"id", "wav": (T,), "feats": (n_mels, F) normalised (when a features config is
-given), "speaker": int, "num_samples": int}`` where ``num_samples`` counts the valid samples before
-zero padding. Features always come from :class:`speechvq.features.FrontEnd`, the one front-end of
-every stage: a whole utterance's item is exactly ``FrontEnd(cfg, stats)(wav, speaker)``, and a
-training crop is made with its whole utterance's state (level, DC, utterance moments).
+given), "pitch": (2, F) (with ``pitch=(f0_min, f0_max)``: the decoder's F0 condition of
+:meth:`speechvq.features.FrontEnd.pitch`), "speaker": int, "num_samples": int}`` where
+``num_samples`` counts the valid samples before zero padding. Features always come from
+:class:`speechvq.features.FrontEnd`, the one front-end of every stage: a whole utterance's
+item is exactly ``FrontEnd(cfg, stats)(wav, speaker)``, and a training crop is made with its
+whole utterance's state (level, DC, utterance moments).
 
 A file that cannot be read at load time never stops a run: it is logged once and, for training
 crops, replaced by another utterance chosen deterministically; whole-utterance items are dropped.
@@ -52,10 +54,13 @@ def _front_end(stats: FeatureStats | None, features_cfg: Mapping | None,
     return front
 
 
-def _item(row: ManifestRow, wav: Tensor, feats: Tensor | None, speaker: int, n: int) -> dict:
+def _item(row: ManifestRow, wav: Tensor, feats: Tensor | None, speaker: int, n: int,
+          pitch: Tensor | None = None) -> dict:
     item = {"id": row.id, "wav": wav, "speaker": speaker, "num_samples": n}
     if feats is not None:
         item["feats"] = feats
+    if pitch is not None:
+        item["pitch"] = pitch
     return item
 
 
@@ -64,14 +69,21 @@ class _ManifestDataset(torch.utils.data.Dataset):
 
     def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
                  stats: FeatureStats | None, features_cfg: Mapping | None, sample_rate: int,
-                 samples_per_unit: int) -> None:
+                 samples_per_unit: int, pitch: Sequence[float] | None = None) -> None:
         self.rows = list(rows)
+        self.pitch = tuple(float(v) for v in pitch) if pitch is not None else None
         self.speakers = list(speakers)
         self._speaker_ids = {s: i for i, s in enumerate(self.speakers)}
         self.sample_rate = int(sample_rate)
         self.samples_per_unit = int(samples_per_unit)
         self._front = _front_end(stats, features_cfg, self.sample_rate)
         self._warned: set[str] = set()
+        if self.pitch is not None and self._front is None:
+            raise ValueError("the pitch condition needs a features config (mel model)")
+
+    def _pitch_of(self, wav: Tensor, n: int) -> Tensor:
+        """The pitch condition (2, T // hop) of a whole utterance (its first n samples)."""
+        return self._front.pitch(wav, n, *self.pitch)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -95,10 +107,11 @@ class CropDataset(_ManifestDataset):
     def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
                  stats: FeatureStats | None, features_cfg: Mapping | None, crop_seconds: float,
                  sample_rate: int, samples_per_unit: int, seed: int = 0,
-                 cache_audio: bool = False) -> None:
+                 cache_audio: bool = False, pitch: Sequence[float] | None = None) -> None:
         if not rows:
             raise ValueError("CropDataset needs at least one utterance")
-        super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit)
+        super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit,
+                         pitch)
         self.cache_audio = bool(cache_audio)
         self._cache: dict[int, Tensor] = {}
         if unknown := self.unknown_speakers():
@@ -151,6 +164,8 @@ class CropDataset(_ManifestDataset):
             hop = self.samples_per_unit
             n = wav.numel() // hop * hop or wav.numel()  # as UtteranceDataset cuts it
             self._states[i] = self._front.measure(wav, n)
+            if self.pitch is not None:
+                self._states[i].pitch = self._pitch_of(wav, n)
         return self._states[i]
 
     def __getitem__(self, index: int) -> dict:
@@ -158,6 +173,7 @@ class CropDataset(_ManifestDataset):
         row = self.rows[i]
         state = self._state(i, wav)
         n = wav.numel()
+        start = 0
         if n >= self.crop_samples:
             start = int(self._rng(index).integers(0, n - self.crop_samples + 1))
             wav = wav[start : start + self.crop_samples].clone()
@@ -166,7 +182,14 @@ class CropDataset(_ManifestDataset):
             wav = torch.cat([wav, wav.new_zeros(self.crop_samples - n)])  # a new tensor: the
             # cached waveform is never written to
         feats = self._front(wav, row.speaker, state, n) if self._front else None
-        return _item(row, wav, feats, self._speaker_ids[row.speaker], n)
+        pitch = None
+        if self.pitch is not None:  # the whole utterance's track, at the nearest frames (<= 5 ms)
+            frames = self._front.num_frames(self.crop_samples)
+            first = round(start / self._front.logmel.hop_length)
+            pitch = state.pitch[:, first : first + frames]
+            pitch = torch.cat([pitch, pitch.new_zeros(2, frames - pitch.shape[1])], 1)
+            pitch[:, self._front.num_frames(n):] = 0.0
+        return _item(row, wav, feats, self._speaker_ids[row.speaker], n, pitch)
 
 
 class UtteranceDataset(_ManifestDataset):
@@ -179,8 +202,9 @@ class UtteranceDataset(_ManifestDataset):
 
     def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
                  stats: FeatureStats | None, features_cfg: Mapping | None, sample_rate: int,
-                 samples_per_unit: int) -> None:
-        super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit)
+                 samples_per_unit: int, pitch: Sequence[float] | None = None) -> None:
+        super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit,
+                         pitch)
         if unknown := self.unknown_speakers():
             log.warning("speaker(s) %s are not among the model's speakers: id -1", unknown[:5])
 
@@ -194,7 +218,8 @@ class UtteranceDataset(_ManifestDataset):
         n = wav.numel() // self.samples_per_unit * self.samples_per_unit
         wav = wav[:n].clone()
         feats = self._front(wav, row.speaker, num_samples=n) if self._front else None
-        return _item(row, wav, feats, self._speaker_ids.get(row.speaker, -1), n)
+        pitch = self._pitch_of(wav, n) if self.pitch is not None else None
+        return _item(row, wav, feats, self._speaker_ids.get(row.speaker, -1), n, pitch)
 
     def sorted_batches(self, max_seconds: float) -> list[list[int]]:
         """Index batches of similar lengths (longest first) whose padded size stays within
@@ -221,6 +246,7 @@ def collate(items: Sequence[dict | None], samples_per_unit: int) -> dict | None:
     files) are dropped.
 
     Returns ``{"ids": [B], "wav": (B, T), "feats": (B, n_mels, F) (when items have feats),
+    "pitch": (B, 2, F) (when items have a pitch condition),
     "speaker": (B,) long, "num_samples": (B,) long, "mask": (B, T // samples_per_unit) bool}``
     where ``mask`` marks the valid units; ``None`` when every item was dropped (skip that batch).
     """
@@ -243,13 +269,14 @@ def collate(items: Sequence[dict | None], samples_per_unit: int) -> dict | None:
         "num_samples": num_samples,
         "mask": mask,
     }
-    if all("feats" in it for it in items):
-        n_mels = items[0]["feats"].shape[0]
-        frames = max(it["feats"].shape[-1] for it in items)
-        feats = torch.zeros(len(items), n_mels, frames)
-        for b, it in enumerate(items):
-            feats[b, :, : it["feats"].shape[-1]] = it["feats"]
-        batch["feats"] = feats
+    for key in ("feats", "pitch"):
+        if all(key in it for it in items):
+            channels = items[0][key].shape[0]
+            frames = max(it[key].shape[-1] for it in items)
+            padded = torch.zeros(len(items), channels, frames)
+            for b, it in enumerate(items):
+                padded[b, :, : it[key].shape[-1]] = it[key]
+            batch[key] = padded
     return batch
 
 

@@ -75,16 +75,20 @@ class _Stage(nn.Module):
 
 
 class _SpeakerDecoder(nn.Module):
-    """Shared front: speaker table, jitter, latents ++ speaker embedding -> ``channels``; a
-    subclass's ``body(hidden, embedding)`` makes the output from there."""
+    """Shared front: speaker table, jitter, latents ++ speaker embedding (++ the pitch condition
+    averaged to the unit rate, with ``pitch_channels``) -> ``channels``; a subclass's
+    ``body(hidden, embedding, pitch)`` makes the output from there."""
 
     def __init__(
-        self, in_channels: int, channels: int, n_speakers: int, speaker_dim: int, jitter: float
+        self, in_channels: int, channels: int, n_speakers: int, speaker_dim: int, jitter: float,
+        pitch_channels: int = 0,
     ) -> None:
         super().__init__()
         self.jitter = jitter
+        self.pitch_channels = int(pitch_channels)
         self.speaker = nn.Embedding(n_speakers, speaker_dim)
-        self.conv_in = nn.Conv1d(in_channels + speaker_dim, channels, 3, padding=1)
+        self.conv_in = nn.Conv1d(in_channels + speaker_dim + self.pitch_channels, channels, 3,
+                                 padding=1)
 
     def front(
         self,
@@ -92,13 +96,23 @@ class _SpeakerDecoder(nn.Module):
         speaker: torch.Tensor,
         mask: torch.Tensor | None,
         jitter: bool | None,
+        pitch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """z: (B, D, U), speaker: (B,) long -> (hidden (B, channels, U), embedding (B, S))."""
+        """z: (B, D, U), speaker: (B,) long, pitch: (B, P, r * U) at the output frame rate ->
+        (hidden (B, channels, U), embedding (B, S))."""
         if self.training if jitter is None else jitter:
             z = time_jitter(z, self.jitter, mask)
         s = self.speaker(speaker)
-        x = torch.cat([z, s.unsqueeze(-1).expand(-1, -1, z.shape[-1]).to(z.dtype)], dim=1)
-        return self.conv_in(x), s
+        parts = [z, s.unsqueeze(-1).expand(-1, -1, z.shape[-1]).to(z.dtype)]
+        if self.pitch_channels:
+            if pitch is None or pitch.shape[1] != self.pitch_channels:
+                raise ValueError(f"this decoder needs a pitch condition (B, {self.pitch_channels}"
+                                 f", frames), got {None if pitch is None else tuple(pitch.shape)}")
+            U = z.shape[-1]
+            r = max(1, pitch.shape[-1] // U)
+            parts.append(F.avg_pool1d(pitch[..., : r * U].to(z.dtype), r) if r > 1
+                         else pitch[..., :U].to(z.dtype))
+        return self.conv_in(torch.cat(parts, dim=1)), s
 
     def forward(
         self,
@@ -106,15 +120,19 @@ class _SpeakerDecoder(nn.Module):
         speaker: torch.Tensor,
         mask: torch.Tensor | None = None,
         jitter: bool | None = None,
+        pitch: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """z: (B, D, U), speaker: (B,) long, mask: (B, U) -> the decoder's output: mels
-        (B, out_channels, 2U) or a waveform (B, U * prod(strides)).
+        """z: (B, D, U), speaker: (B,) long, mask: (B, U), pitch: (B, 2, 2U) (decoders built
+        with ``pitch_channels``) -> the decoder's output: mels (B, out_channels, 2U) or a
+        waveform (B, U * prod(strides)).
 
         ``jitter``: apply time jitter (default: in training mode only).
         """
-        return self.body(*self.front(z, speaker, mask, jitter))
+        x, s = self.front(z, speaker, mask, jitter, pitch)
+        return self.body(x, s, pitch)
 
-    def body(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor, s: torch.Tensor, pitch: torch.Tensor | None = None
+             ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -122,7 +140,10 @@ class MelDecoder(_SpeakerDecoder):
     """Latents at 50 Hz + speaker -> normalised log-mels at 100 Hz.
 
     conv_in -> ``pre_blocks`` FiLM units at 50 Hz -> transposed conv x2 -> ``post_blocks`` FiLM
-    units at 100 Hz -> norm, activation, 1x1 conv to ``out_channels`` mels.
+    units at 100 Hz -> norm, activation, 1x1 conv to ``out_channels`` mels. With
+    ``pitch_channels`` the pitch condition (F0 and voicing at 100 Hz) enters twice: averaged to
+    50 Hz at the input, and through a conv added after the upsampling (so the harmonics can
+    follow the contour frame by frame).
     """
 
     def __init__(
@@ -136,9 +157,12 @@ class MelDecoder(_SpeakerDecoder):
         kernel_size: int = 3,
         pre_blocks: int = 2,
         post_blocks: int = 2,
+        pitch_channels: int = 0,
     ) -> None:
-        super().__init__(in_channels, channels, n_speakers, speaker_dim, jitter)
+        super().__init__(in_channels, channels, n_speakers, speaker_dim, jitter, pitch_channels)
         self.upsampling = 2  # mel frames per unit
+        self.pitch_in = (nn.Conv1d(pitch_channels, channels, 3, padding=1) if pitch_channels
+                         else None)
         self.pre = _Stage(channels, speaker_dim, kernel_size, pre_blocks)
         kernel, padding = strided_conv_geometry(2)
         self.up = nn.ConvTranspose1d(channels, channels, kernel, stride=2, padding=padding)
@@ -147,9 +171,14 @@ class MelDecoder(_SpeakerDecoder):
             ChannelNorm(channels), activation(), nn.Conv1d(channels, out_channels, 1)
         )
 
-    def body(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """hidden (B, channels, U), speaker embedding (B, S) -> mels (B, out_channels, 2U)."""
+    def body(self, x: torch.Tensor, s: torch.Tensor, pitch: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """hidden (B, channels, U), speaker embedding (B, S), pitch (B, P, 2U) -> mels
+        (B, out_channels, 2U)."""
         x = self.up(self.pre(x, s))
+        if self.pitch_in is not None:
+            p = pitch[..., : x.shape[-1]].to(x.dtype)
+            x = x + self.pitch_in(F.pad(p, (0, x.shape[-1] - p.shape[-1])))
         return self.conv_out(self.post(x, s))
 
 
@@ -196,11 +225,55 @@ class WaveDecoder(_SpeakerDecoder):
             nn.Tanh(),
         )
 
-    def body(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor, s: torch.Tensor, pitch: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """hidden (B, channels[0], U), speaker embedding (B, S) -> wav (B, U * prod(strides))."""
         for stage, up in zip(self.stages, self.ups, strict=True):
             x = up(stage(x, s))
         return self.conv_out(x).squeeze(1)
+
+
+class F0Predictor(nn.Module):
+    """Units + speaker -> the pitch condition, for decoding without a source F0 (prior samples,
+    ``speak(units)``): quantised latents ``(B, D, U)`` and a speaker embedding ``(B, S)`` ->
+    ``(B, 2, 2U)``: standardised log-F0 and a voicing logit at the mel frame rate.
+
+    Trained beside the VQ-VAE on detached inputs (it never shapes the codes): MSE on voiced frames
+    plus voicing cross-entropy (:meth:`loss`).
+    """
+
+    def __init__(self, in_channels: int, speaker_dim: int, channels: int = 64,
+                 kernel_size: int = 5, n_blocks: int = 3) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv1d(in_channels + speaker_dim, channels, kernel_size,
+                                 padding=kernel_size // 2)
+        self.stage = _Stage(channels, speaker_dim, 3, n_blocks)
+        kernel, padding = strided_conv_geometry(2)
+        self.up = nn.ConvTranspose1d(channels, channels, kernel, stride=2, padding=padding)
+        self.conv_out = nn.Sequential(ChannelNorm(channels), activation(),
+                                      nn.Conv1d(channels, 2, 3, padding=1))
+
+    def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """z: (B, D, U), s: (B, S) -> (B, 2, 2U) raw outputs (log-F0 z-score, voicing logit)."""
+        x = torch.cat([z, s.unsqueeze(-1).expand(-1, -1, z.shape[-1]).to(z.dtype)], dim=1)
+        return self.conv_out(self.up(self.stage(self.conv_in(x), s)))
+
+    @staticmethod
+    def condition(raw: torch.Tensor) -> torch.Tensor:
+        """Raw outputs (B, 2, F) -> a pitch condition: voiced where the logit is positive, the
+        predicted z-score there, 0 elsewhere."""
+        voiced = (raw[:, 1:2] > 0).to(raw.dtype)
+        return torch.cat([raw[:, :1].clamp(-4, 4) * voiced, voiced], dim=1)
+
+    @staticmethod
+    def loss(raw: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """raw, target: (B, 2, F), valid: (B, F) bool -> MSE on voiced valid frames + BCE."""
+        n = min(raw.shape[-1], target.shape[-1], valid.shape[-1])
+        raw, target, w = raw[..., :n].float(), target[..., :n].float(), valid[..., :n].float()
+        voiced = target[:, 1] * w
+        mse = ((raw[:, 0] - target[:, 0]).pow(2) * voiced).sum() / voiced.sum().clamp(min=1)
+        bce = F.binary_cross_entropy_with_logits(raw[:, 1], target[:, 1], reduction="none")
+        return mse + (bce * w).sum() / w.sum().clamp(min=1)
 
 
 class MultiResolutionSTFTLoss(nn.Module):
