@@ -14,7 +14,12 @@ scored on ``--manifest``. Each test utterance (``--n`` of them, seeded) is made 
 - **speechvq**: its units + its speaker (+ its own F0 track for models with the pitch condition)
   -> decoder -> Griffin-Lim (``speechvq-resynth``'s reconstruction);
 - **speechvq, converted**: the same units as another training speaker (the next one in the
-  checkpoint's list); F0 is compared with the target speaker's own recordings;
+  checkpoint's list); F0 is compared with the target speaker's own recordings (``|F0 - target|``:
+  the distance of the clip's median log-F0 from that speaker's mean, in the speaker's standard
+  deviations);
+- **speechvq** rows also give ``|F0 - target|`` for the voice they are decoded in;
+- **speechvq, F0 predicted** (pitch models): the units and speaker only, the F0 track predicted
+  from them, as prior samples are spoken;
 - **Griffin-Lim of the true log-mels**: the ceiling of a mel decoder followed by Griffin-Lim;
 - **Codec2** 700C and 450 bit/s (8 kHz), when ``c2enc``/``c2dec`` are on PATH (Debian ``codec2``).
 
@@ -111,7 +116,26 @@ def codec2(wav: torch.Tensor, sample_rate: int, mode: str) -> torch.Tensor:
         subprocess.run(["c2enc", mode, str(raw), str(bits)], check=True, capture_output=True)
         subprocess.run(["c2dec", mode, str(bits), str(out)], check=True, capture_output=True)
         y = torch.from_numpy(np.frombuffer(out.read_bytes(), dtype=np.int16).astype(np.float32))
-    return torchaudio.functional.resample(y / 32768.0, 8000, sample_rate)[: wav.numel()]
+    y = torchaudio.functional.resample(y / 32768.0, 8000, sample_rate)
+    return align(wav, y)
+
+
+def align(ref: torch.Tensor, deg: torch.Tensor, max_ms: float = 60.0, sample_rate: int = 16000
+          ) -> torch.Tensor:
+    """``deg`` shifted by the lag (within +-max_ms) that best correlates it with ``ref``, cut or
+    zero-padded to ``ref``'s length: a codec's delay removed before frame-wise scores (STOI)."""
+    n = ref.numel()
+    deg = torch.cat([deg, deg.new_zeros(max(0, n - deg.numel()))])[: n + 2048]
+    size = 1 << (2 * max(n, deg.numel())).bit_length()
+    xc = torch.fft.irfft(torch.fft.rfft(deg.double(), size) * torch.fft.rfft(ref.double(), size)
+                         .conj(), size)
+    lags = torch.arange(size)
+    lags = torch.where(lags < size // 2, lags, lags - size)
+    limit = int(max_ms * sample_rate / 1000)
+    xc[lags.abs() > limit] = -math.inf
+    lag = int(lags[int(xc.argmax())])  # deg[t + lag] matches ref[t]
+    shifted = deg[lag:] if lag >= 0 else torch.cat([deg.new_zeros(-lag), deg])
+    return torch.cat([shifted, shifted.new_zeros(max(0, n - shifted.numel()))])[:n]
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -147,9 +171,12 @@ def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser 
             "speechvq": synth.decode(units, voice, seed=seed, state=state),
             "speechvq, converted": synth.decode(units, target, seed=seed,
                                                 pitch=None if state is None else state.pitch),
-            "Griffin-Lim of the true mels": griffin_lim(build_logmel(features)(wav), features,
+            # the true log-mels as the decoder makes them: relative to the utterance's level
+            "Griffin-Lim of the true mels": griffin_lim(synth.front.features_of(wav), features,
                                                         seed=seed, **synth.vocoder),
         }
+        if synth.vqvae.pitch_enabled:  # as prior samples are spoken: F0 from the units
+            versions["speechvq, F0 predicted"] = synth.decode(units, voice, seed=seed)
         if codec:
             for mode in CODEC2_MODES:
                 versions[f"Codec2 {mode}"] = codec2(wav, sr, mode)
@@ -160,8 +187,9 @@ def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser 
             if name != "speechvq, converted":
                 fig.update(quality.score(wav, audio, features, pesq=True))
                 fig.update(quality.f0_error(wav, audio, sr, hop))
-            else:
-                moments = target_f0(synth, target, train_rows, f0_cache)
+            if name.startswith("speechvq"):  # F0 against the voice's own range
+                who = target if name == "speechvq, converted" else voice
+                moments = target_f0(synth, who, train_rows, f0_cache)
                 f0 = f0_track(audio, sr, hop)
                 if moments is not None and bool((f0 > 0).any()):
                     z = (f0[f0 > 0].double().log().median() - moments.mean) / max(moments.std,

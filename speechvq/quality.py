@@ -14,6 +14,7 @@ used. :func:`score` bundles what ``speechvq-resynth`` reports.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,17 @@ def _pair(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray) -> tuple[np.ndarra
 
 
 def stoi(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray, sample_rate: int) -> float:
-    """STOI of ``deg`` against ``ref`` (0-1, higher is more intelligible)."""
+    """STOI of ``deg`` against ``ref`` (0-1, higher is more intelligible); NaN for clips with too
+    little speech to score (STOI needs 30 frames of 25.6 ms after its silence removal)."""
     from pystoi import stoi as _stoi
 
     a, b = _pair(ref, deg)
-    return float(_stoi(a, b, sample_rate, extended=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = float(_stoi(a, b, sample_rate, extended=False))
+    if any("Not enough STFT frames" in str(w.message) for w in caught):
+        return float("nan")  # under ~0.4 s of speech pystoi returns 1e-5: no defined score
+    return value
 
 
 def pesq_available() -> bool:
@@ -56,7 +63,8 @@ def pesq_available() -> bool:
 
 
 def pesq_nb(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray, sample_rate: int) -> float:
-    """Narrow-band PESQ (MOS-LQO, about 1-4.5) after resampling both to 8 kHz; needs ``pesq``."""
+    """Narrow-band PESQ (MOS-LQO, about 1-4.5) after resampling both to 8 kHz; needs ``pesq``.
+    NaN where PESQ is undefined (under 0.25 s, or no speech found in the reference)."""
     import torchaudio
     from pesq import pesq as _pesq
 
@@ -64,7 +72,10 @@ def pesq_nb(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray, sample_rate: int
     if sample_rate != 8000:
         x = torch.from_numpy(np.stack([a, b])).float()
         a, b = torchaudio.functional.resample(x, sample_rate, 8000).double().numpy()
-    return float(_pesq(8000, a, b, "nb"))
+    try:
+        return float(_pesq(8000, a, b, "nb"))
+    except Exception:  # pesq's BufferTooShortError / NoUtterancesError: no defined score
+        return float("nan")
 
 
 def mel_cepstral_distortion(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray,
@@ -76,7 +87,9 @@ def mel_cepstral_distortion(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray,
     x = torch.from_numpy(np.stack([a, b])).float()
     with torch.no_grad():
         power = logmel.mel_power(x).double()  # (2, n_mels, F)
-    amp = 0.5 * torch.log(power.clamp_min(1e-10))  # log amplitude
+    # each signal floored 70 dB below its own speech level, so a gain changes nothing
+    floors = torch.tensor([level_reference(p) * 1e-7 + 1e-30 for p in power], dtype=power.dtype)
+    amp = 0.5 * torch.log(torch.maximum(power, floors[:, None, None]))  # log amplitude
     n = amp.shape[1]
     k = torch.arange(n, dtype=torch.float64)
     dct = torch.cos(math.pi / n * (k[None, :] + 0.5) * k[:, None]) * math.sqrt(2.0 / n)
@@ -126,9 +139,13 @@ def describe(figures: Mapping[str, float]) -> str:
 
 
 def means(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean of every numeric figure over ``scores`` (``{}`` for none)."""
-    keys = [k for k in _LABELS if scores and all(k in s for s in scores)]
-    return {k: float(np.mean([s[k] for s in scores])) for k in keys}
+    """Mean of every figure over ``scores``, NaN (undefined) values left out (``{}`` for none)."""
+    out = {}
+    for k in _LABELS:
+        values = [s[k] for s in scores if k in s and not math.isnan(s[k])]
+        if values:
+            out[k] = float(np.mean(values))
+    return out
 
 
 def write_scores(out_dir: str | Path, scores: Sequence[Mapping[str, Any]],
@@ -136,7 +153,8 @@ def write_scores(out_dir: str | Path, scores: Sequence[Mapping[str, Any]],
     """``out_dir/quality.tsv`` (id and figures per utterance) and ``out_dir/quality.json``."""
     keys = [k for k in _LABELS if k in summary]
     lines = ["\t".join(["id", *keys])]
-    lines += ["\t".join([str(s["id"]), *(f"{s[k]:.4f}" for k in keys)]) for s in scores]
+    lines += ["\t".join([str(s["id"]), *(f"{s.get(k, math.nan):.4f}" for k in keys)])
+              for s in scores]
     write_text(Path(out_dir) / "quality.tsv", "\n".join(lines) + "\n")
     write_json(Path(out_dir) / "quality.json", {"n": len(scores), **summary})
 

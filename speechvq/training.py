@@ -65,6 +65,10 @@ if TYPE_CHECKING:  # tasks.py imports fit from here
 
 log = logging.getLogger(__name__)
 
+# best.pt keeps the lowest validation value of this key of a task's step output when it has one
+# (the model's own objective, without auxiliary heads trained on detached inputs), else "loss".
+CRITERION = "criterion"
+
 LOCK_FILE = ".lock"  # in the run folder: one writer per run (see run_lock)
 
 
@@ -546,7 +550,7 @@ class _Loop:
         means = self._reduce_means({k: v / self._acc_n for k, v in self._acc.items()})
         self._acc, self._acc_n = {}, 0
         self._last_train_loss = means["loss"]
-        self._interval_loss.append(means["loss"])
+        self._interval_loss.append(means.get(CRITERION, means["loss"]))
         if self.writer is None:
             return
         for key, value in means.items():
@@ -647,8 +651,8 @@ class _Loop:
             for key, value in means.items():
                 self.writer.add_scalar(f"valid/{key}", value, self.step)
             log.info("step %d: valid loss %.5g (best %.5g)", self.step, means["loss"],
-                     min(self.best, means["loss"]))
-        return means["loss"]
+                     min(self.best, means.get(CRITERION, means["loss"])))
+        return means.get(CRITERION, means["loss"])
 
     def _save(self, best: bool = False, final: bool = False) -> None:
         """Write last.pt (or best.pt): collective under DDP (replica check, RNG gather)."""

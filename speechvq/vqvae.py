@@ -144,7 +144,8 @@ class VQVAE(nn.Module):
         ``mask`` (B, U) bool valid units [optional], ``encoder_input`` (an augmented copy of the
         input, same shape) [optional: the encoder sees it, the decoder still reconstructs the
         clean input], ``pitch`` (B, 2, F) [with ``pitch.enabled``]. Returns
-        ``{"loss", <losses>, <stats>}``."""
+        ``{"loss", "criterion" (the loss without the F0 predictor's: what best.pt is chosen on),
+        <losses>, <stats>}``."""
         x = self._input(batch)
         z = self.encoder(batch.get("encoder_input", x))
         B, _, U = z.shape
@@ -172,6 +173,10 @@ class VQVAE(nn.Module):
                 out["f0"] = self.f0_predictor.loss(
                     raw, pitch, mask.repeat_interleave(self.decoder.upsampling, dim=1))
         out["loss"] = sum(self.loss_weights.get(k, 0.0) * out[k] for k in LOSS_NAMES[self.kind])
+        # best.pt is chosen on the VQ-VAE's own objective: the F0 predictor (detached inputs)
+        # neither shapes the codes nor should decide which codes are kept
+        out["criterion"] = (out["loss"] - self.loss_weights.get("f0", 0.0) * out["f0"]).detach() \
+            if self.f0_predictor is not None else out["loss"].detach()
         out.update({k: vq[k].detach() for k in STAT_NAMES})
         return out
 

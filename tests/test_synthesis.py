@@ -3,6 +3,7 @@ voice conversion, speechvq-sample and speechvq-resynth, on tiny models."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -133,6 +134,12 @@ def test_resynth_cli_reconstruction_and_conversion(tmp_path, tiny_vqvae, tone_co
     assert len(converted) == 2
     page = (out / "index.html").read_text()
     assert page.count("<audio") == 6
+    # every reconstruction scored against its original: per utterance, means, page and stdout
+    lines = (out / "quality.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:3] == ["id", "stoi", "mcd"] and len(lines) == 3
+    means = json.loads((out / "quality.json").read_text())
+    assert means["n"] == 2 and 0 <= means["stoi"] <= 1 and means["mcd"] > 0
+    assert "STOI" in page and "MCD" in page
 
 
 def test_stage_errors_name_the_problem(tmp_path, tiny_vqvae, tiny_prior, tone_corpus, compose_cfg):
