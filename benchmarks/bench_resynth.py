@@ -239,27 +239,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--root", help="folder of audio (searched recursively)")
-    src.add_argument("--mini", action="store_true", help="the shipped mini corpus")
     src.add_argument("--checkpoint", help="score this VQ-VAE checkpoint (with --manifest)")
+    bench_units.add_protocol_arguments(parser, src)
     parser.add_argument("--manifest", help="utterances to score (with --checkpoint)")
-    parser.add_argument("--alignments", help="as bench_units.py (for its prepare)")
-    parser.add_argument("--speaker", default="parent", help="data.speaker of data=folder")
-    parser.add_argument("--work", help="output folder (data/ and exp*/ inside), as bench_units.py")
-    parser.add_argument("--exp", default="exp")
-    parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--valid", type=float, default=0.1)
-    parser.add_argument("--test", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true")
     parser.add_argument("--n", type=int, default=None, help="utterances scored (default: all)")
     parser.add_argument("--out", help="where the table and figures go (default: beside the "
                         "checkpoint's experiment)")
-    args, overrides = parser.parse_known_args()
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        parser.error(f"unknown arguments {bad} (training overrides are key=value)")
+    args, overrides = bench_units.parse_with_overrides(parser)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.checkpoint:
         if not args.manifest:

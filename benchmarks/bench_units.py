@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -129,30 +130,43 @@ def table(report: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--root", help="folder of audio (searched recursively)")
-    src.add_argument("--mini", action="store_true", help="the shipped mini corpus")
+def add_protocol_arguments(parser: argparse.ArgumentParser, source: Any) -> None:
+    """The corpus (``--root``/``--mini``, into the mutually exclusive group ``source``) and
+    training arguments of the protocol (also used by ``bench_resynth.py``)."""
+    source.add_argument("--root", help="folder of audio (searched recursively)")
+    source.add_argument("--mini", action="store_true", help="the shipped mini corpus")
     parser.add_argument("--alignments", help="folder of .phn/.TextGrid files (else: beside the "
                         "audio)")
     parser.add_argument("--speaker", default="parent", help="data.speaker of data=folder")
-    parser.add_argument("--work", required=True, help="output folder (data/ and exp*/ inside)")
+    parser.add_argument("--work", help="output folder (data/ and exp*/ inside)")
     parser.add_argument("--exp", default="exp", help="name of the experiment folder in --work")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time")
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead")
     parser.add_argument("--valid", type=float, default=0.1)
     parser.add_argument("--test", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-split", choices=("test", "all"), default="test",
-                        help="units evaluated: the held-out test split (the protocol), or every "
-                        "utterance (a larger sample for comparing variants on a small corpus)")
     parser.add_argument("--force", action="store_true", help="redo every stage")
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    """Parse; the arguments left over must be ``key=value`` training overrides."""
     args, overrides = parser.parse_known_args()
     bad = [o for o in overrides if "=" not in o]
     if bad:
         parser.error(f"unknown arguments {bad} (training overrides are key=value)")
+    return args, overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protocol_arguments(parser, parser.add_mutually_exclusive_group(required=True))
+    parser.add_argument("--eval-split", choices=("test", "all"), default="test",
+                        help="units evaluated: the held-out test split (the protocol), or every "
+                        "utterance (a larger sample for comparing variants on a small corpus)")
+    args, overrides = parse_with_overrides(parser)
+    if not args.work:
+        parser.error("--work is required")
     work = Path(args.work)
     data, exp = work / "data", work / args.exp
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

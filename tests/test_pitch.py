@@ -4,6 +4,7 @@ figures of resynthesis (speechvq.quality)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,15 @@ def test_quality_figures(tiny_vqvae_cfg):
     assert quality.describe({"mcd": 7.1, "stoi": 0.8123}) == "STOI 0.812, MCD 7.10 dB"
     assert quality.means([{"stoi": 0.5, "mcd": 2.0}, {"stoi": 1.0, "mcd": 4.0}]) == \
         {"stoi": 0.75, "mcd": 3.0}
+
+
+def test_samples_from_a_pitch_model_use_the_predicted_track(tmp_path, tiny_vqvae, tiny_prior):
+    from speechvq.prior import load_prior
+    from speechvq.synthesis import write_samples
+
+    synth = Synthesizer.from_checkpoint(tiny_vqvae(tmp_path / "vq.pt", pitch=True),
+                                        {"n_iter": 4})
+    prior, meta = load_prior(tiny_prior(tmp_path / "prior.pt"))
+    rows = write_samples(synth, prior, meta["speakers"], tmp_path / "s", n=2, seconds=0.5,
+                         speakers=["alice", "bob"])
+    assert len(rows) == 2 and all(Path(r.clips[0].wav).stat().st_size > 1000 for r in rows)
