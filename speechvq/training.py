@@ -650,8 +650,10 @@ class _Loop:
         if self.writer is not None:
             for key, value in means.items():
                 self.writer.add_scalar(f"valid/{key}", value, self.step)
-            log.info("step %d: valid loss %.5g (best %.5g)", self.step, means["loss"],
-                     min(self.best, means.get(CRITERION, means["loss"])))
+            value = means.get(CRITERION, means["loss"])
+            extra = f", {CRITERION} {value:.5g}" if value != means["loss"] else ""
+            log.info("step %d: valid loss %.5g%s (best %.5g)", self.step, means["loss"], extra,
+                     min(self.best, value))
         return means.get(CRITERION, means["loss"])
 
     def _save(self, best: bool = False, final: bool = False) -> None:
