@@ -68,6 +68,7 @@ class VQVAE(nn.Module):
             ``(B, 2, F)`` (:meth:`speechvq.features.FrontEnd.pitch`) and an
             :class:`~speechvq.nn.decoder.F0Predictor` learns it from the units, for decoding
             without a source.
+        recon_loss: ``"mse"`` or ``"l1"`` on the normalised log-mels (mel model).
     """
 
     def __init__(
@@ -83,8 +84,12 @@ class VQVAE(nn.Module):
         stft_resolutions: list[list[int]] | None = None,
         cpc: Mapping[str, Any] | None = None,
         pitch: Mapping[str, Any] | None = None,
+        recon_loss: str = "mse",
     ) -> None:
         super().__init__()
+        if recon_loss not in ("mse", "l1"):
+            raise ValueError(f"recon_loss must be 'mse' or 'l1', got {recon_loss!r}")
+        self.recon_loss = recon_loss
         pitch = dict(pitch or {})
         self.pitch_enabled = bool(pitch.get("enabled", False))
         if self.pitch_enabled and kind != "mel":
@@ -189,7 +194,9 @@ class VQVAE(nn.Module):
         valid = mask.repeat_interleave(step, dim=1)
         y_hat = y_hat.float()
         if self.kind == "mel":
-            return {"recon": _masked_mean((y_hat - x[..., :n].float()).pow(2), valid)}
+            err = y_hat - x[..., :n].float()
+            return {"recon": _masked_mean(err.abs() if self.recon_loss == "l1" else err.pow(2),
+                                          valid)}
         wav = x[:, :n].float()
         return {
             "stft": self.stft_loss(y_hat, wav, valid),

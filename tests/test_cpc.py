@@ -22,7 +22,7 @@ def test_cpc_ignores_padding_and_reaches_the_latents():
     # a predictable sequence (the future is the past shifted) is learned: the loss falls
     seq = torch.randn(1, 8, 40).repeat(4, 1, 1)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    first = float(head(seq, torch.ones(4, 40, dtype=torch.bool)))
+    first = float(head(seq, torch.ones(4, 40, dtype=torch.bool)).detach())
     for _ in range(60):
         opt.zero_grad()
         step_loss = head(seq, torch.ones(4, 40, dtype=torch.bool))
