@@ -4,9 +4,9 @@ As in Polyak et al. (2021), "Speech Resynthesis from Discrete Disentangled Self-
 Representations": units say what is said, the F0 track how it is sung, the speaker who says it.
 
 - :func:`f0_track`: WORLD's DIO + StoneMask (``pyworld``) at the mel frame centres, 0 = unvoiced.
-  Chosen by speed on real speech (``benchmarks/bench_resynth.py --f0-speed``, 1 thread, 16 kHz):
-  DIO + StoneMask ~130x real time, Harvest ~6x, ``librosa.pyin`` ~2x; torchaudio's
-  ``detect_pitch_frequency`` is faster but has no voicing decision.
+  Chosen by speed on real speech (``benchmarks/bench_f0.py``, 1 thread, 16 kHz, 20 realdev
+  files): DIO + StoneMask 136x real time, Harvest 5.7x (and it calls 94% of frames voiced),
+  ``librosa.pyin`` 7.1x; torchaudio's ``detect_pitch_frequency`` (409x) has no voicing decision.
 - :func:`pitch_features`: the decoder's condition, ``(2, F)``: log-F0 standardised over the
   utterance's voiced frames (0 where unvoiced) and the voicing flag. It carries the contour, not
   the register: the speaker embedding sets the register, so the same track rendered with another
