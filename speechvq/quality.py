@@ -48,7 +48,10 @@ def stoi(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray, sample_rate: int) -
     a, b = _pair(ref, deg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        value = float(_stoi(a, b, sample_rate, extended=False))
+        try:
+            value = float(_stoi(a, b, sample_rate, extended=False))
+        except (ValueError, IndexError):  # numpy errors on clips of a few frames
+            return float("nan")
     if any("Not enough STFT frames" in str(w.message) for w in caught):
         return float("nan")  # under ~0.4 s of speech pystoi returns 1e-5: no defined score
     return value
@@ -120,11 +123,15 @@ def f0_error(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray, sample_rate: in
 def score(ref: Tensor | np.ndarray, deg: Tensor | np.ndarray, features_cfg: Mapping,
           pesq: bool = False) -> dict[str, float]:
     """What ``speechvq-resynth`` reports for one reconstruction: ``stoi``, ``mcd``, and with
-    ``pesq=True`` (and the package installed) ``pesq_nb``."""
+    ``pesq=True`` (and the package installed) ``pesq_nb``. All NaN (undefined, left out of
+    :func:`means`) when the reference is digital silence or shorter than one FFT window."""
     sr = int(features_cfg["sample_rate"])
-    out = {"stoi": stoi(ref, deg, sr), "mcd": mel_cepstral_distortion(ref, deg, features_cfg)}
+    a, b = _pair(ref, deg)
+    if not np.any(a) or a.size < int(features_cfg["n_fft"]):  # nothing to compare against
+        return {"stoi": math.nan, "mcd": math.nan, **({"pesq_nb": math.nan} if pesq else {})}
+    out = {"stoi": stoi(a, b, sr), "mcd": mel_cepstral_distortion(a, b, features_cfg)}
     if pesq and pesq_available():
-        out["pesq_nb"] = pesq_nb(ref, deg, sr)
+        out["pesq_nb"] = pesq_nb(a, b, sr)
     return out
 
 

@@ -251,7 +251,8 @@ def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Pa
     Writes ``out_dir/original/<id>.wav`` (the input at the model's rate),
     ``out_dir/reconstruction/<id>.wav`` (decoded with the utterance's own speaker when the
     checkpoint knows it, else with the first target or its first speaker; the page says which) and
-    ``out_dir/converted/<target>/<id>.wav`` for every other target speaker. With ``score``, each
+    ``out_dir/converted/<target>/<id>.wav`` for every other target speaker. An unreadable file, or
+    one shorter than a unit, is logged and skipped. With ``score``, each
     reconstruction is scored against its original (:func:`speechvq.quality.score`: STOI, MCD,
     narrow-band PESQ when ``pesq`` is installed): ``[{"id", "stoi", "mcd", ...}]``.
     """
@@ -259,7 +260,15 @@ def write_resynthesis(synth: Synthesizer, rows: Sequence[Any], out_dir: str | Pa
     synth.add_speakers(rows)  # unseen speakers: their own statistics, as extraction uses
     page, scores = [], []
     for row in tqdm(rows, desc="resynthesis", unit="utt", disable=len(rows) < 10):
-        wav = load_audio(row.path, synth.sample_rate)
+        try:
+            wav = load_audio(row.path, synth.sample_rate)
+        except AudioError as err:  # one bad file does not stop the page
+            log.warning("skipping %s", err)
+            continue
+        if synth.num_units(wav.numel()) == 0:
+            log.warning("skipping %s: %d samples, shorter than one unit (%d samples)",
+                        row.path, wav.numel(), synth.samples_per_unit)
+            continue
         units, state = synth.encode_with_state(wav, row.speaker)
         name = safe_name(row.id) + ".wav"
         original = out_dir / "original" / name
@@ -398,7 +407,7 @@ class ResynthJob:
 def resynthesize(job: ResynthJob) -> tuple[int, Path, dict[str, float]]:
     """Reconstruction and voice conversion of the chosen utterances (:func:`write_resynthesis`),
     with ``OUT/index.html``, ``OUT/tb/`` and, with ``job.score``, ``OUT/quality.tsv`` (one line
-    per reconstruction) and ``OUT/quality.json`` (the means); returns (utterances, the page, the
+    per reconstruction) and ``OUT/quality.json`` (the means); returns (utterances made, the page, the
     means)."""
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,10 +420,14 @@ def resynthesize(job: ResynthJob) -> tuple[int, Path, dict[str, float]]:
                                          score=job.score)
     except _USER_ERRORS as err:
         raise SynthesisError(str(err).strip('"')) from None
+    if not page:
+        raise SynthesisError(f"{job.manifest}: none of the {len(rows)} chosen utterance(s) could "
+                             "be resynthesised (unreadable or shorter than one unit; see above)")
     means = quality.means(scores)
     if scores:
         quality.write_scores(out_dir, scores, means)
-    intro = (f"{len(rows)} utterance(s) from {job.manifest} through {job.checkpoint}: "
+    skipped = f" ({len(rows) - len(page)} skipped: see the log)" if len(page) < len(rows) else ""
+    intro = (f"{len(page)} utterance(s){skipped} from {job.manifest} through {job.checkpoint}: "
              f"original, reconstruction, and {len(targets)} target voice(s)")
     if means:
         intro += (f". Reconstructions against their originals (mean of {len(scores)}): "
@@ -422,7 +435,7 @@ def resynthesize(job: ResynthJob) -> tuple[int, Path, dict[str, float]]:
     index = write_report(out_dir, page, "speechvq resynthesis", synth.features or None, intro)
     if job.tensorboard:
         log_to_tensorboard(out_dir / "tb", page, sample_rate=synth.sample_rate)
-    return len(rows), index, means
+    return len(page), index, means
 
 
 def choose_rows(rows: list[ManifestRow], ids: Sequence[str] | None, n: int | None, seed: int,

@@ -142,6 +142,37 @@ def test_resynth_cli_reconstruction_and_conversion(tmp_path, tiny_vqvae, tone_co
     assert "STOI" in page and "MCD" in page
 
 
+def test_resynth_skips_bad_files_and_scores_nothing_from_silence(tmp_path, tiny_vqvae, tone_corpus,
+                                                                 compose_cfg, caplog):
+    from speechvq.audio import save_audio
+    from speechvq.data.manifest import ManifestRow, read_manifest, write_manifest
+
+    vq = tiny_vqvae(tmp_path / "vq.pt")
+    rows = read_manifest(tone_corpus(tmp_path, n=2))
+    save_audio(tmp_path / "short.wav", np.full(100, 0.1, dtype=np.float32), 16000)
+    save_audio(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    (tmp_path / "corrupt.wav").write_bytes(b"not audio")
+    rows += [ManifestRow(n, str(tmp_path / f"{n}.wav"), 16000, "alice")
+             for n in ("short", "silent", "corrupt")]
+    manifest = tmp_path / "bad.tsv"
+    write_manifest(manifest, rows)
+    out = tmp_path / "r"
+    cfg = compose_cfg("resynth", [f"checkpoint={vq}", f"data.manifest={manifest}", "n=null",
+                                  "vocoder.n_iter=4", "device=cpu", "tensorboard=false",
+                                  f"out_dir={out}"])
+    resynth.run(cfg)
+    made = sorted(p.stem for p in (out / "reconstruction").glob("*.wav"))
+    assert made == ["silent", "utt0", "utt1"]
+    assert "short.wav" in caplog.text and "corrupt.wav" in caplog.text
+    lines = {ln.split("\t")[0]: ln.split("\t")[1:] for ln in
+             (out / "quality.tsv").read_text().splitlines()[1:]}
+    assert lines["silent"][:2] == ["nan", "nan"]  # no score against digital silence
+    means = json.loads((out / "quality.json").read_text())  # NaN left out of the means
+    assert means["stoi"] == pytest.approx((float(lines["utt0"][0]) + float(lines["utt1"][0])) / 2,
+                                          abs=1e-3)
+    assert "2 skipped" in (out / "index.html").read_text()
+
+
 def test_stage_errors_name_the_problem(tmp_path, tiny_vqvae, tiny_prior, tone_corpus, compose_cfg):
     vq = tiny_vqvae(tmp_path / "vq.pt")
     manifest = tone_corpus(tmp_path, n=2)
