@@ -20,6 +20,9 @@ scored on ``--manifest``. Each test utterance (``--n`` of them, seeded) is made 
 - **speechvq** rows also give ``|F0 - target|`` for the voice they are decoded in;
 - **speechvq, F0 predicted** (pitch models): the units and speaker only, the F0 track predicted
   from them, as prior samples are spoken;
+- **speechvq, no quantization** (mel models; a diagnostic): the encoder's continuous latents
+  straight into the decoder, the codebook skipped. Its gap to **speechvq** is what the 50 Hz
+  bottleneck costs; its gap to Griffin-Lim of the true mels is the decoder's own;
 - **Griffin-Lim of the true log-mels**: the ceiling of a mel decoder followed by Griffin-Lim;
 - **Codec2** 700C and 450 bit/s (8 kHz), when ``c2enc``/``c2dec`` are on PATH (Debian ``codec2``).
 
@@ -153,6 +156,26 @@ def target_f0(synth: Synthesizer, speaker: str, rows: list, cache: dict) -> F0Mo
     return cache[speaker]
 
 
+@torch.no_grad()
+def unquantized(synth: Synthesizer, wav: torch.Tensor, speaker: str, voice: str, state, seed: int
+                ) -> torch.Tensor:
+    """The mel model's reconstruction from the encoder's latents, the quantizer skipped."""
+    model = synth.vqvae
+    x = synth.front(wav.cpu(), speaker, state).to(synth.device).unsqueeze(0)
+    index = torch.tensor([synth.speaker_index(voice)], device=synth.device)
+    pitch = None
+    if model.pitch_enabled and state is not None and state.pitch is not None:
+        pitch = state.pitch.reshape(1, 2, -1).to(synth.device)
+    z = model.encoder(x)
+    if model.pitch_enabled:
+        if pitch is None:
+            pitch = model.predict_pitch(model.quantizer.encode(z), index)
+        pitch = pitch[..., : z.shape[-1] * model.decoder.upsampling]
+    mels = model.decoder(z, index, jitter=False, pitch=pitch)
+    mels = synth.front.denormalize(mels.float().cpu(), [voice], state)
+    return griffin_lim(mels, synth.features, seed=seed, **synth.vocoder)[0].float()
+
+
 def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser | None,
               codec: bool, seed: int) -> dict[str, list[dict]]:
     features, sr = synth.features, synth.sample_rate
@@ -175,6 +198,9 @@ def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser 
             "Griffin-Lim of the true mels": griffin_lim(synth.front.features_of(wav), features,
                                                         seed=seed, **synth.vocoder),
         }
+        if synth.vqvae.kind == "mel":
+            versions["speechvq, no quantization"] = unquantized(synth, wav, row.speaker, voice,
+                                                                state, seed)
         if synth.vqvae.pitch_enabled:  # as prior samples are spoken: F0 from the units
             versions["speechvq, F0 predicted"] = synth.decode(units, voice, seed=seed)
         if codec:

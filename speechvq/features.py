@@ -404,7 +404,8 @@ def mel_centres(logmel: LogMel) -> Tensor:
 
 
 def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: float = 0.0,
-                 min_bins: int = 0, generator: torch.Generator | None = None) -> Tensor:
+                 min_bins: int = 0, mask: float = 0.0, mask_span: int = 5,
+                 generator: torch.Generator | None = None) -> Tensor:
     """Speaker- and channel-like perturbations of normalised log-mels ``(B, n_mels, F)`` (same
     shape back), for the encoder's input while the decoder reconstructs the clean features.
 
@@ -413,7 +414,10 @@ def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: f
     cosines with N(0, eq) amplitudes, in normalised units) is added (a channel's colouring);
     ``bandlimit``: with this probability an utterance loses every bin above a cutoff drawn from
     ``[min_bins, n_mels)`` (set to 0, the value a band-limited recording's empty bins get from
-    its own statistics: 8 kHz sources, telephone channels).
+    its own statistics: 8 kHz sources, telephone channels); ``mask``: about this share of each
+    utterance's frames is set to 0 (the normalised mean) in spans of ``mask_span`` frames at
+    random places (spans may overlap), so the encoder has to infer them from their context while
+    the decoder still reconstructs them (masked reconstruction, as TERA / MAE).
     """
     if feats.dim() != 3:
         raise ValueError(f"augment_mels expects (B, n_mels, F), got {tuple(feats.shape)}")
@@ -441,6 +445,16 @@ def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: f
         cut = torch.where(torch.rand(B, generator=generator) < bandlimit, cut, torch.full_like(cut, n))
         keep = torch.arange(n)[None, :] < cut[:, None]
         out = out * keep[:, :, None].to(feats)
+    if mask > 0:
+        F = out.shape[-1]
+        span = max(1, min(int(mask_span), F))
+        n_spans = max(1, round(mask * F / span))
+        starts = torch.randint(0, F - span + 1, (B, n_spans), generator=generator)
+        covered = torch.zeros(B, F + 1)
+        covered.scatter_add_(1, starts, torch.ones(B, n_spans))
+        covered.scatter_add_(1, starts + span, -torch.ones(B, n_spans))
+        hidden = covered.cumsum(1)[:, :F] > 0
+        out = out.masked_fill(hidden[:, None, :].to(feats.device), 0.0)
     return out
 
 

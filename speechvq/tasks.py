@@ -63,6 +63,8 @@ from speechvq.units import Units
 from speechvq.vocoder import griffin_lim
 from speechvq.vqvae import build_vqvae
 
+AUGMENTS = ("warp", "eq", "bandlimit", "mask")  # data.augment keys that switch an augmentation on
+
 log = logging.getLogger(__name__)
 
 
@@ -158,7 +160,8 @@ class VQVAETask:
             valid_manifest=str(Path(data["valid_manifest"]).resolve()) if valid_rows else None,
         ).to_dict()
         augment = dict(data.get("augment") or {})
-        self.augment = {k: float(augment.get(k, 0.0)) for k in ("warp", "eq", "bandlimit")}
+        self.augment = {k: float(augment.get(k, 0.0)) for k in AUGMENTS}
+        self.augment["mask_span"] = int(augment.get("mask_span", 5))
         if mel:  # a band-limited input keeps at least the bins below 3.4 kHz (telephone band)
             centres = mel_centres(build_logmel(self.features))
             self.augment["min_bins"] = int((centres < 3400.0).sum())
@@ -178,7 +181,7 @@ class VQVAETask:
         In training, with ``data.augment``, the encoder sees perturbed features
         (:func:`speechvq.features.augment_mels`) and the decoder reconstructs the clean ones."""
         if model.training and "feats" in batch and any(
-                self.augment[k] for k in ("warp", "eq", "bandlimit")):
+                self.augment[k] for k in AUGMENTS):
             batch = {**batch, "encoder_input": augment_mels(batch["feats"], **self.augment)}
         return model(batch)
 

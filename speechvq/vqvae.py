@@ -6,7 +6,10 @@ codebook stats. The loss names are the keys ``loss_weights`` may use:
 
 - mel model: ``recon`` (masked MSE on normalised log-mels), ``vq_codebook``, ``vq_commit``,
   ``cpc`` (contrastive prediction of future latents, :class:`speechvq.nn.cpc.CPCHead`; computed
-  only with a non-zero weight), ``f0`` (the F0 predictor's loss, with ``pitch.enabled``);
+  only with a non-zero weight), ``f0`` (the F0 predictor's loss, with ``pitch.enabled``),
+  ``adv``, ``fm`` (the decoder's adversarial and feature-matching losses against a
+  :class:`speechvq.nn.discriminator.MelDiscriminator`) and ``disc`` (that discriminator's own
+  loss), computed only when ``adv`` or ``fm`` has a non-zero weight;
 - wave model: ``stft`` (multi-resolution STFT loss), ``l1`` (waveform L1), ``vq_codebook``,
   ``vq_commit``.
 
@@ -30,15 +33,19 @@ from torch import nn
 from speechvq.checkpoint import VQVAEMeta, load_checkpoint, load_model_state
 from speechvq.nn.cpc import CPCHead
 from speechvq.nn.decoder import F0Predictor, MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
+from speechvq.nn.discriminator import MelDiscriminator, adversarial_losses
 from speechvq.nn.encoder import MelEncoder, WaveEncoder
 from speechvq.nn.quantizer import VectorQuantizer
 from speechvq.pitch import F0_MAX, F0_MIN, PITCH_CHANNELS
 
 LOSS_NAMES = {
-    "mel": ("recon", "vq_codebook", "vq_commit", "cpc", "f0"),
+    "mel": ("recon", "vq_codebook", "vq_commit", "cpc", "f0", "adv", "fm", "disc"),
     "wave": ("stft", "l1", "vq_codebook", "vq_commit"),
 }
 STAT_NAMES = ("perplexity", "usage", "dead_codes")
+# losses that train helpers (the F0 predictor, the discriminator) or measure the decoder against
+# a moving discriminator: best.pt is chosen on the loss without them (``criterion``)
+NOT_CRITERION = ("f0", "disc", "adv", "fm")
 
 
 def _masked_mean(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,6 +76,8 @@ class VQVAE(nn.Module):
             :class:`~speechvq.nn.decoder.F0Predictor` learns it from the units, for decoding
             without a source.
         recon_loss: ``"mse"`` or ``"l1"`` on the normalised log-mels (mel model).
+        discriminator: kwargs of :class:`speechvq.nn.discriminator.MelDiscriminator` (mel
+            model; built when ``loss_weights`` gives ``adv`` or ``fm`` a non-zero weight).
     """
 
     def __init__(
@@ -85,6 +94,7 @@ class VQVAE(nn.Module):
         cpc: Mapping[str, Any] | None = None,
         pitch: Mapping[str, Any] | None = None,
         recon_loss: str = "mse",
+        discriminator: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if recon_loss not in ("mse", "l1"):
@@ -117,6 +127,9 @@ class VQVAE(nn.Module):
             self.decoder = MelDecoder(**decoder, n_speakers=n_speakers,
                                       pitch_channels=PITCH_CHANNELS if self.pitch_enabled else 0)
             self.mel_hop = int(mel_hop)
+            if self.decoder.upsampling != self.encoder.downsampling:
+                raise ValueError(f"model.decoder.stride ({self.decoder.upsampling}) must equal "
+                                 f"model.encoder.stride ({self.encoder.downsampling})")
         else:
             if not stft_resolutions:
                 raise ValueError("the wave model needs stft_resolutions ([[n_fft, hop, win], ...])")
@@ -130,7 +143,11 @@ class VQVAE(nn.Module):
         if self.pitch_enabled:
             self.f0_predictor = F0Predictor(int(encoder["out_channels"]),
                                             int(decoder["speaker_dim"]),
-                                            int(pitch.get("predictor_channels", 64)))
+                                            int(pitch.get("predictor_channels", 64)),
+                                            upsampling=self.encoder.downsampling)
+        self.discriminator = None
+        if kind == "mel" and (self.loss_weights.get("adv", 0.0) or self.loss_weights.get("fm", 0.0)):
+            self.discriminator = MelDiscriminator(**dict(discriminator or {}))
         self.cpc = None
         if self.loss_weights.get("cpc", 0.0):
             self.cpc = CPCHead(int(self.quantizer.dim), **dict(cpc or {}))
@@ -168,6 +185,14 @@ class VQVAE(nn.Module):
             pitch = batch["pitch"].to(z.device)
         y_hat = self.decoder(z_q, batch["speaker"], mask, pitch=pitch)
         out = {**self._recon_losses(x, y_hat, mask), "vq_codebook": vq["vq_codebook"]}
+        if self.kind == "mel":
+            zero = z.new_zeros(())
+            out.update(disc=zero, adv=zero, fm=zero)
+            if self.discriminator is not None:
+                n = y_hat.shape[-1]
+                valid = mask.repeat_interleave(n // U, dim=1).unsqueeze(1).to(y_hat.dtype)
+                out.update(adversarial_losses(self.discriminator, x[..., :n] * valid,
+                                              y_hat * valid))
         out["vq_commit"] = vq["vq_commit"]
         if self.kind == "mel":
             out["cpc"] = self.cpc(z, mask) if self.cpc is not None else z.new_zeros(())
@@ -179,9 +204,10 @@ class VQVAE(nn.Module):
                     raw, pitch, mask.repeat_interleave(self.decoder.upsampling, dim=1))
         out["loss"] = sum(self.loss_weights.get(k, 0.0) * out[k] for k in LOSS_NAMES[self.kind])
         # best.pt is chosen on the VQ-VAE's own objective: the F0 predictor (detached inputs)
-        # neither shapes the codes nor should decide which codes are kept
-        out["criterion"] = (out["loss"] - self.loss_weights.get("f0", 0.0) * out["f0"]).detach() \
-            if self.f0_predictor is not None else out["loss"].detach()
+        # neither shapes the codes nor should decide which codes are kept, and the adversarial
+        # terms measure a moving discriminator, not the model
+        out["criterion"] = (out["loss"] - sum(self.loss_weights.get(k, 0.0) * out[k]
+                                              for k in NOT_CRITERION if k in out)).detach()
         out.update({k: vq[k].detach() for k in STAT_NAMES})
         return out
 
@@ -211,7 +237,7 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def predict_pitch(self, indices: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
-        """indices: (B, U) long, speaker: (B,) long -> the predicted pitch condition (B, 2, 2U)
+        """indices: (B, U) long, speaker: (B,) long -> the predicted pitch condition (B, 2, downsampling * U)
         (models with ``pitch.enabled``)."""
         if self.f0_predictor is None:
             raise ValueError("this model has no pitch condition (model.pitch.enabled: false)")
@@ -224,7 +250,7 @@ class VQVAE(nn.Module):
                pitch: torch.Tensor | None = None) -> torch.Tensor:
         """indices: (B, U) long, speaker: (B,) long -> normalised log-mels
         (B, n_mels, downsampling * U) [mel] or waveform (B, samples_per_unit * U) [wave]. No
-        jitter. ``pitch`` (B, 2, 2U): the F0 condition (models with ``pitch.enabled``; default:
+        jitter. ``pitch`` (B, 2, downsampling * U): the F0 condition (models with ``pitch.enabled``; default:
         predicted from the units, :meth:`predict_pitch`); ignored by models without it."""
         if self.pitch_enabled and pitch is None:
             pitch = self.predict_pitch(indices, speaker)

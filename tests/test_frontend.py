@@ -254,6 +254,15 @@ def test_augmentation_perturbs_only_what_it_is_asked_to():
         assert 40 <= kept < 80 and torch.equal(cut[b, :kept], x[b, :kept])
         assert not cut[b, kept:].any()
     assert torch.equal(augment_mels(x, bandlimit=1e-9, min_bins=40, generator=gen), x)
+    hidden = augment_mels(x, mask=0.3, mask_span=5, generator=gen)
+    gone = (hidden == 0).all(dim=1)  # (B, F): whole frames set to the mean
+    assert torch.equal(hidden[~gone[:, None, :].expand_as(x)], x[~gone[:, None, :].expand_as(x)])
+    for b in range(4):
+        share = float(gone[b].float().mean())
+        assert 0.15 <= share <= 0.35
+        runs = torch.diff(torch.nonzero(torch.diff(torch.cat([torch.zeros(1), gone[b].float(),
+                                                              torch.zeros(1)]))).flatten())
+        assert (runs[::2] >= 5).all()  # spans of at least mask_span frames
 
 
 class _Spy(torch.nn.Module):

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from speechvq.checkpoint import CheckpointError, save_checkpoint
 from speechvq.nn.decoder import MelDecoder, MultiResolutionSTFTLoss, WaveDecoder, time_jitter
+from speechvq.nn.discriminator import adversarial_losses
 from speechvq.nn.encoder import MelEncoder, WaveEncoder
 from speechvq.vqvae import VQVAE, build_vqvae, load_vqvae
 
@@ -104,6 +105,30 @@ def test_mel_encoder_decoder_shapes(frames):
     dec = MelDecoder(16, 32, N_MELS, n_speakers=3, speaker_dim=8, jitter=0.5)
     if frames >= 2:
         assert dec(z, torch.tensor([0, 2])).shape == (2, N_MELS, 2 * (frames // 2))
+
+
+def test_25_hz_units_stride_4_end_to_end():
+    from speechvq.extract import ChunkedEncoder
+
+    cfg = _mel_cfg()
+    cfg["encoder"]["stride"] = cfg["decoder"]["stride"] = 4
+    torch.manual_seed(0)
+    model = build_vqvae(cfg, _quantizer(), n_speakers=3)
+    assert (model.unit_rate, model.samples_per_unit, model.downsampling) == (25.0, 640, 4)
+    out = model(_batch([16000 + 170, 9000]))
+    assert torch.isfinite(out["loss"])
+    model.eval()
+    x = torch.randn(1, N_MELS, 1003)
+    units = model.encode(x)
+    assert units.shape == (1, 250)
+    assert model.decode(units, torch.tensor([1])).shape == (1, N_MELS, 1000)
+    chunked = ChunkedEncoder(model, chunk_seconds=2.0, context_seconds=None,
+                             max_batch_seconds=8.0)([x[0]])[0]
+    assert torch.equal(torch.as_tensor(chunked), units[0])  # chunking changes nothing
+    bad = _mel_cfg()
+    bad["encoder"]["stride"] = 4
+    with pytest.raises(ValueError, match="decoder.stride"):
+        build_vqvae(bad, _quantizer(), n_speakers=3)
 
 
 @pytest.mark.parametrize("samples", [320, 639, 16000 + 123, 32000])
@@ -324,3 +349,43 @@ def test_load_vqvae_round_trip(tmp_path):
     save_checkpoint(tmp_path / "bad.pt", state)
     with pytest.raises(CheckpointError, match="n_speakers"):
         load_vqvae(tmp_path / "bad.pt")
+
+
+def test_adversarial_losses_train_each_side_only_and_the_discriminator_learns():
+    cfg = _mel_cfg()
+    cfg["loss_weights"].update(adv=0.1, fm=1.0, disc=1.0)
+    cfg["discriminator"] = {"channels": [4, 8], "kernel_size": 3}
+    torch.manual_seed(0)
+    model = build_vqvae(cfg, _quantizer(), n_speakers=3).train()
+    assert build_vqvae(_mel_cfg(), _quantizer(), n_speakers=3).discriminator is None  # off
+    batch = _batch([16000, 9000])  # padding in row 2
+    disc, dec = model.discriminator, model.decoder
+
+    def grads(loss: str) -> tuple[bool, bool]:
+        model.zero_grad(set_to_none=True)
+        model(batch)[loss].backward()
+        touched = [any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in m.parameters())
+                   for m in (disc, dec)]
+        return touched[0], touched[1]
+
+    assert grads("disc") == (True, False)  # the discriminator's loss trains it alone
+    assert grads("adv") == (False, True)  # the decoder's terms never move the discriminator
+    assert grads("fm") == (False, True)
+    with torch.no_grad():
+        out = model(batch)
+    assert float(out["disc"]) > 0 and float(out["fm"]) > 0
+    # best.pt is chosen without the terms measured by the (moving) discriminator
+    w = model.loss_weights
+    torch.testing.assert_close(out["criterion"], (out["loss"] - w["disc"] * out["disc"]
+                                                  - w["adv"] * out["adv"]
+                                                  - w["fm"] * out["fm"]).detach())
+    # trained alone on a fixed pair, the discriminator learns to tell them apart
+    real = torch.randn(2, N_MELS, 64)
+    fake = torch.zeros_like(real)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    first = float(adversarial_losses(disc, real, fake)["disc"].detach())
+    for _ in range(40):
+        opt.zero_grad()
+        adversarial_losses(disc, real, fake)["disc"].backward()
+        opt.step()
+    assert float(adversarial_losses(disc, real, fake)["disc"].detach()) < 0.5 * first

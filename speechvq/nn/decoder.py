@@ -137,9 +137,10 @@ class _SpeakerDecoder(nn.Module):
 
 
 class MelDecoder(_SpeakerDecoder):
-    """Latents at 50 Hz + speaker -> normalised log-mels at 100 Hz.
+    """Latents at 100 / ``stride`` Hz (50 Hz by default) + speaker -> normalised log-mels at 100 Hz.
 
-    conv_in -> ``pre_blocks`` FiLM units at 50 Hz -> transposed conv x2 -> ``post_blocks`` FiLM
+    conv_in -> ``pre_blocks`` FiLM units at the unit rate -> transposed conv x ``stride`` ->
+    ``post_blocks`` FiLM
     units at 100 Hz -> norm, activation, 1x1 conv to ``out_channels`` mels. With
     ``pitch_channels`` the pitch condition (F0 and voicing at 100 Hz) enters twice: averaged to
     50 Hz at the input, and through a conv added after the upsampling (so the harmonics can
@@ -158,14 +159,16 @@ class MelDecoder(_SpeakerDecoder):
         pre_blocks: int = 2,
         post_blocks: int = 2,
         pitch_channels: int = 0,
+        stride: int = 2,
     ) -> None:
         super().__init__(in_channels, channels, n_speakers, speaker_dim, jitter, pitch_channels)
-        self.upsampling = 2  # mel frames per unit
+        self.upsampling = int(stride)  # mel frames per unit
         self.pitch_in = (nn.Conv1d(pitch_channels, channels, 3, padding=1) if pitch_channels
                          else None)
         self.pre = _Stage(channels, speaker_dim, kernel_size, pre_blocks)
-        kernel, padding = strided_conv_geometry(2)
-        self.up = nn.ConvTranspose1d(channels, channels, kernel, stride=2, padding=padding)
+        kernel, padding = strided_conv_geometry(self.upsampling)
+        self.up = nn.ConvTranspose1d(channels, channels, kernel, stride=self.upsampling,
+                                     padding=padding)
         self.post = _Stage(channels, speaker_dim, kernel_size, post_blocks)
         self.conv_out = nn.Sequential(
             ChannelNorm(channels), activation(), nn.Conv1d(channels, out_channels, 1)
@@ -173,8 +176,8 @@ class MelDecoder(_SpeakerDecoder):
 
     def body(self, x: torch.Tensor, s: torch.Tensor, pitch: torch.Tensor | None = None
              ) -> torch.Tensor:
-        """hidden (B, channels, U), speaker embedding (B, S), pitch (B, P, 2U) -> mels
-        (B, out_channels, 2U)."""
+        """hidden (B, channels, U), speaker embedding (B, S), pitch (B, P, stride * U) -> mels
+        (B, out_channels, stride * U)."""
         x = self.up(self.pre(x, s))
         if self.pitch_in is not None:
             p = pitch[..., : x.shape[-1]].to(x.dtype)
@@ -236,25 +239,27 @@ class WaveDecoder(_SpeakerDecoder):
 class F0Predictor(nn.Module):
     """Units + speaker -> the pitch condition, for decoding without a source F0 (prior samples,
     ``speak(units)``): quantised latents ``(B, D, U)`` and a speaker embedding ``(B, S)`` ->
-    ``(B, 2, 2U)``: standardised log-F0 and a voicing logit at the mel frame rate.
+    ``(B, 2, upsampling * U)``: standardised log-F0 and a voicing logit at the mel frame rate.
 
     Trained beside the VQ-VAE on detached inputs (it never shapes the codes): MSE on voiced frames
     plus voicing cross-entropy (:meth:`loss`).
     """
 
     def __init__(self, in_channels: int, speaker_dim: int, channels: int = 64,
-                 kernel_size: int = 5, n_blocks: int = 3) -> None:
+                 kernel_size: int = 5, n_blocks: int = 3, upsampling: int = 2) -> None:
         super().__init__()
+        self.upsampling = int(upsampling)  # mel frames per unit
         self.conv_in = nn.Conv1d(in_channels + speaker_dim, channels, kernel_size,
                                  padding=kernel_size // 2)
         self.stage = _Stage(channels, speaker_dim, 3, n_blocks)
-        kernel, padding = strided_conv_geometry(2)
-        self.up = nn.ConvTranspose1d(channels, channels, kernel, stride=2, padding=padding)
+        kernel, padding = strided_conv_geometry(self.upsampling)
+        self.up = nn.ConvTranspose1d(channels, channels, kernel, stride=self.upsampling,
+                                     padding=padding)
         self.conv_out = nn.Sequential(ChannelNorm(channels), activation(),
                                       nn.Conv1d(channels, 2, 3, padding=1))
 
     def forward(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """z: (B, D, U), s: (B, S) -> (B, 2, 2U) raw outputs (log-F0 z-score, voicing logit)."""
+        """z: (B, D, U), s: (B, S) -> (B, 2, upsampling * U) raw outputs (log-F0 z-score, voicing logit)."""
         x = torch.cat([z, s.unsqueeze(-1).expand(-1, -1, z.shape[-1]).to(z.dtype)], dim=1)
         return self.conv_out(self.up(self.stage(self.conv_in(x), s)))
 

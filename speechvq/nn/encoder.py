@@ -70,12 +70,13 @@ def _crop(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 class MelEncoder(nn.Module):
-    """Log-mels at 100 Hz -> latents at 50 Hz.
+    """Log-mels at 100 Hz -> latents at 100 / ``stride`` Hz (50 Hz by default).
 
-    ``conv_in`` -> ``pre_blocks`` residual units at 100 Hz -> one stride-2 conv (kernel 4, so unit
-    ``j`` is centred between mel frames ``2j`` and ``2j+1``) -> ``post_blocks`` residual units at
-    50 Hz -> norm, activation, 1x1 conv to ``out_channels``. Dilation stays 1 so each unit sees only
-    about 100-200 ms: units should describe local (phone-sized) content.
+    ``conv_in`` -> ``pre_blocks`` residual units at 100 Hz -> one stride-``stride`` conv (kernel
+    ``2 * stride``, so with stride 2 unit ``j`` is centred between mel frames ``2j`` and
+    ``2j+1``) -> ``post_blocks`` residual units at the unit rate -> norm, activation, 1x1 conv to
+    ``out_channels``. Dilation stays 1 so each unit sees only about 100-200 ms: units should
+    describe local (phone-sized) content.
     """
 
     def __init__(
@@ -86,14 +87,18 @@ class MelEncoder(nn.Module):
         kernel_size: int = 3,
         pre_blocks: int = 1,
         post_blocks: int = 2,
+        stride: int = 2,
     ) -> None:
         super().__init__()
-        self.downsampling = 2  # mel frames per unit
+        if int(stride) < 1:
+            raise ValueError(f"the mel encoder's stride must be >= 1, got {stride}")
+        self.downsampling = int(stride)  # mel frames per unit
         self.out_channels = out_channels
         self.conv_in = nn.Conv1d(in_channels, channels, kernel_size, padding=kernel_size // 2)
         self.pre = nn.Sequential(*[ResidualUnit(channels, kernel_size) for _ in range(pre_blocks)])
-        kernel, padding = strided_conv_geometry(2)
-        self.down = nn.Conv1d(channels, channels, kernel, stride=2, padding=padding)
+        kernel, padding = strided_conv_geometry(self.downsampling)
+        self.down = nn.Conv1d(channels, channels, kernel, stride=self.downsampling,
+                              padding=padding)
         self.post = nn.Sequential(
             *[ResidualUnit(channels, kernel_size) for _ in range(post_blocks)]
         )
@@ -102,8 +107,8 @@ class MelEncoder(nn.Module):
         )
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """feats: (B, n_mels, F) -> z: (B, out_channels, F // 2)."""
-        feats = _crop(feats, 2)
+        """feats: (B, n_mels, F) -> z: (B, out_channels, F // stride)."""
+        feats = _crop(feats, self.downsampling)
         if feats.shape[-1] == 0:  # shorter than one unit: no units (convs reject empty input)
             return feats.new_zeros(feats.shape[0], self.out_channels, 0)
         x = self.conv_in(feats)
