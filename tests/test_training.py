@@ -371,7 +371,9 @@ def test_train_config_composes() -> None:
     assert gpu["trainer"]["batch_size"] == 64 and gpu["trainer"]["lr"] == cfg["trainer"]["lr"]
 
 
-def test_vqvae_task_exact_resume_and_meta(tmp_path: Path, corpus) -> None:
+@pytest.mark.parametrize("extra", [[], ["model.loss_weights.adv=0.1", "model.loss_weights.fm=1.0",
+                                          "data.augment.mask=0.3"]], ids=["defaults", "adversarial"])
+def test_vqvae_task_exact_resume_and_meta(tmp_path: Path, corpus, extra: list[str]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from speechvq.tasks import VQVAETask
@@ -385,6 +387,7 @@ def test_vqvae_task_exact_resume_and_meta(tmp_path: Path, corpus) -> None:
             "data.crop_seconds=0.32",
             "data.media_seconds=0.5",
             *TINY_MEL,
+            *extra,
         ]
     )
 
@@ -400,6 +403,7 @@ def test_vqvae_task_exact_resume_and_meta(tmp_path: Path, corpus) -> None:
     full, split = tmp_path / "full/checkpoints/last.pt", tmp_path / "split/checkpoints/last.pt"
     wa, wb = _weights(full), _weights(split)
     assert "quantizer.codebook" in wa and "quantizer.embed_sum" in wa
+    assert any(k.startswith("discriminator.") for k in wa) == bool(extra)
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key  # bitwise
     # stats.json was absent: computed (and saved); meta rebuilds everything
