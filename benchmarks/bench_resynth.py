@@ -172,8 +172,7 @@ def unquantized(synth: Synthesizer, wav: torch.Tensor, speaker: str, voice: str,
             pitch = model.predict_pitch(model.quantizer.encode(z), index)
         pitch = pitch[..., : z.shape[-1] * model.decoder.upsampling]
     mels = model.decoder(z, index, jitter=False, pitch=pitch)
-    mels = synth.front.denormalize(mels.float().cpu(), [voice], state)
-    return griffin_lim(mels, synth.features, seed=seed, **synth.vocoder)[0].float()
+    return synth.to_audio(mels, [voice], seed, state)[0]
 
 
 def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser | None,

@@ -181,12 +181,18 @@ class Synthesizer:
             pitch = pitch[..., : units.size(1) * self.vqvae.decoder.upsampling].to(self.device)
         else:
             pitch = None
-        out = self.vqvae.decode(units.to(self.device), index, pitch)
-        if self.vqvae.kind == "mel":
-            out = self.front.denormalize(out.float().cpu(), names, state)
-            out = griffin_lim(out, self.features, seed=seed, **self.vocoder)
-        out = out.float().cpu()
+        out = self.to_audio(self.vqvae.decode(units.to(self.device), index, pitch), names, seed,
+                            state)
         return out[0] if single else out
+
+    def to_audio(self, out: Tensor, speakers: Sequence[str], seed: int = 0,
+                 state: UtteranceState | None = None) -> Tensor:
+        """The decoder's output -> audio (B, T) float32 on CPU: normalised log-mels (B, n_mels, F)
+        are denormalised as :meth:`decode` says and vocoded; a wave model's output passes."""
+        if self.vqvae.kind == "mel":
+            out = self.front.denormalize(out.float().cpu(), list(speakers), state)
+            out = griffin_lim(out, self.features, seed=seed, **self.vocoder)
+        return out.float().cpu()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Feature statistics come from ``data.stats`` (default: ``stats.json`` beside the 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,12 @@ class VQVAETask:
         augment = dict(data.get("augment") or {})
         self.augment = {k: float(augment.get(k, 0.0)) for k in AUGMENTS}
         self.augment["mask_span"] = int(augment.get("mask_span", 5))
+        bounds = {"warp": (0.0, 1.0, "in [0, 1)"), "eq": (0.0, math.inf, ">= 0"),
+                  "bandlimit": (0.0, 1.0 + 1e-12, "in [0, 1]"), "mask": (0.0, 1.0, "in [0, 1)"),
+                  "mask_span": (1.0, math.inf, ">= 1")}
+        for key, (low, high, words) in bounds.items():
+            if not low <= self.augment[key] < high:
+                raise ValueError(f"data.augment.{key} must be {words}, got {self.augment[key]}")
         if mel:  # a band-limited input keeps at least the bins below 3.4 kHz (telephone band)
             centres = mel_centres(build_logmel(self.features))
             self.augment["min_bins"] = int((centres < 3400.0).sum())

@@ -3,6 +3,7 @@ level, DC, clipping, band-limiting and silence (real speech from the shipped min
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -285,6 +286,12 @@ def test_training_steps_augment_the_encoder_input_only(trained):
     assert torch.equal(seen["feats"], batch["feats"])  # the decoder's target stays clean
     lost = (seen["encoder_input"] == 0).all(dim=2)  # (B, n_mels): bins removed whole
     assert lost.any(dim=1).all() and not lost[:, : task.augment["min_bins"]].any()
+    for key, bad in (("mask", 1.0), ("mask", -0.1), ("mask_span", 0), ("bandlimit", 1.5),
+                     ("warp", -0.1)):
+        wrong = copy.deepcopy(cfg)
+        wrong["data"]["augment"][key] = bad
+        with pytest.raises(ValueError, match=f"data.augment.{key} must be"):
+            VQVAETask(wrong, progress=False)
     spy.eval()  # validation: no augmentation
     task.step(spy, batch)
     assert "encoder_input" not in spy.seen
