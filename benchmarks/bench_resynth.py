@@ -23,6 +23,12 @@ scored on ``--manifest``. Each test utterance (``--n`` of them, seeded) is made 
 - **speechvq, no quantization** (mel models; a diagnostic): the encoder's continuous latents
   straight into the decoder, the codebook skipped. Its gap to **speechvq** is what the 50 Hz
   bottleneck costs; its gap to Griffin-Lim of the true mels is the decoder's own;
+- **k-means of the true mels** (mel models; a reference): each unit's span of the utterance's own
+  normalised log-mels (the ``stride`` frames it covers) replaced by the nearest of as many
+  centroids as the model has codes, fitted by k-means on the same frames of the training split,
+  then Griffin-Lim. It is the best a frame-wise code of that size and rate does in squared error
+  on the mels themselves, with no decoder: a unit set that only names each 20 ms of spectrum is
+  no better than this, whatever decodes it;
 - **Griffin-Lim of the true log-mels**: the ceiling of a mel decoder followed by Griffin-Lim;
 - **Codec2** 700C and 450 bit/s (8 kHz), when ``c2enc``/``c2dec`` are on PATH (Debian ``codec2``).
 
@@ -175,6 +181,49 @@ def unquantized(synth: Synthesizer, wav: torch.Tensor, speaker: str, voice: str,
     return synth.to_audio(mels, [voice], seed, state)[0]
 
 
+class MelKmeans:
+    """k-means over the spans of normalised log-mels that units cover: the frame-wise code of
+    ``k`` entries at the unit rate that best fits the mels themselves (squared error).
+
+    ``fit`` on training utterances (normalised as the model's input, by the checkpoint's
+    statistics); :meth:`quantize` maps normalised log-mels ``(n_mels, F)`` to the same shape,
+    each group of ``stride`` frames (``F`` a multiple of it) replaced by its nearest centroid.
+    """
+
+    def __init__(self, k: int, stride: int, seed: int = 0, max_frames: int = 200_000) -> None:
+        self.k, self.stride, self.seed, self.max_frames = int(k), int(stride), seed, max_frames
+        self.centroids: np.ndarray | None = None
+
+    def spans(self, mels: torch.Tensor) -> np.ndarray:
+        """(n_mels, F) -> (F // stride, n_mels * stride): one row per unit's frames."""
+        n_mels, frames = mels.shape
+        u = frames // self.stride
+        x = mels[:, : u * self.stride].T.reshape(u, self.stride * n_mels)
+        return x.double().numpy()
+
+    def fit(self, synth: Synthesizer, rows: list) -> MelKmeans:
+        from sklearn.cluster import MiniBatchKMeans
+
+        x = [self.spans(synth.front(load_audio(r.path, synth.sample_rate), r.speaker))
+             for r in rows]
+        x = np.concatenate(x)
+        rng = np.random.default_rng(self.seed)
+        if len(x) > self.max_frames:
+            x = x[rng.choice(len(x), self.max_frames, replace=False)]
+        k = min(self.k, len(x))
+        self.centroids = MiniBatchKMeans(n_clusters=k, random_state=self.seed, batch_size=4096,
+                                         n_init=1, max_iter=100).fit(x).cluster_centers_
+        return self
+
+    def quantize(self, mels: torch.Tensor) -> torch.Tensor:
+        if self.centroids is None:
+            raise RuntimeError("fit the k-means first")
+        x = torch.from_numpy(self.spans(mels))
+        c = torch.from_numpy(self.centroids)
+        q = c[torch.cdist(x, c).argmin(1)]  # (U, n_mels * stride)
+        return q.reshape(-1, mels.shape[0]).T.to(mels.dtype)
+
+
 def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser | None,
               codec: bool, seed: int) -> dict[str, list[dict]]:
     features, sr = synth.features, synth.sample_rate
@@ -183,6 +232,12 @@ def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser 
     results: dict[str, list[dict]] = {}
     f0_cache: dict = {}
     speakers = synth.speakers
+    kmeans = None
+    if synth.vqvae.kind == "mel":
+        known = [r for r in train_rows if r.speaker in speakers]
+        if known:
+            kmeans = MelKmeans(synth.n_codes, synth.samples_per_unit // hop, seed).fit(synth,
+                                                                                      known)
     for k, row in enumerate(rows):
         wav = load_audio(row.path, sr)
         units, state = synth.encode_with_state(wav, row.speaker)
@@ -200,6 +255,10 @@ def score_all(synth: Synthesizer, rows: list, train_rows: list, asr: Recogniser 
         if synth.vqvae.kind == "mel":
             versions["speechvq, no quantization"] = unquantized(synth, wav, row.speaker, voice,
                                                                 state, seed)
+        if kmeans is not None:
+            mels = kmeans.quantize(synth.front(wav, row.speaker, state)).unsqueeze(0)
+            versions[f"k-means of the true mels (K = {kmeans.k})"] = synth.to_audio(
+                mels, [row.speaker], seed, state)[0]
         if synth.vqvae.pitch_enabled:  # as prior samples are spoken: F0 from the units
             versions["speechvq, F0 predicted"] = synth.decode(units, voice, seed=seed)
         if codec:

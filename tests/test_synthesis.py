@@ -226,3 +226,4 @@ def test_resolve_speakers():
     assert resolve_speakers(["bob", 1002], known, "ckpt") == ["bob", "1002"]
     with pytest.raises(ValueError, match="ckpt: unknown speaker.*carol"):
         resolve_speakers(["bob", "carol"], known, "ckpt")
+
