@@ -26,9 +26,9 @@ scored on ``--manifest``. Each test utterance (``--n`` of them, seeded) is made 
 - **k-means of the true mels** (mel models; a reference): each unit's span of the utterance's own
   normalised log-mels (the ``stride`` frames it covers) replaced by the nearest of as many
   centroids as the model has codes, fitted by k-means on the same frames of the training split,
-  then Griffin-Lim. It is the best a frame-wise code of that size and rate does in squared error
-  on the mels themselves, with no decoder: a unit set that only names each 20 ms of spectrum is
-  no better than this, whatever decodes it;
+  then Griffin-Lim. It is k-means' (locally optimal) answer to the best frame-wise code of that
+  size and rate in squared error on the mels themselves, with no decoder: a unit set that only
+  names each 20 ms of spectrum does about this well, whatever decodes it;
 - **Griffin-Lim of the true log-mels**: the ceiling of a mel decoder followed by Griffin-Lim;
 - **Codec2** 700C and 450 bit/s (8 kHz), when ``c2enc``/``c2dec`` are on PATH (Debian ``codec2``).
 
@@ -73,12 +73,18 @@ CODEC2_MODES = ("700C", "450")
 # --- the recogniser (optional) ---------------------------------------------------------------
 
 class Recogniser:
-    """pocketsphinx with its bundled en-us model: 16 kHz float audio -> lower-case words."""
+    """pocketsphinx with its bundled en-us model: 16 kHz float audio -> lower-case words.
+
+    Every clip gets a fresh decoder (~0.2 s): one decoder carries state from clip to clip, so the
+    same audio was recognised differently depending on what came before it (3 of 63 realdev
+    clips of Griffin-Lim of the true mels changed their words between two runs).
+    """
 
     def __init__(self) -> None:
         from pocketsphinx import Decoder
 
-        self.decoder = Decoder(samprate=16000, loglevel="FATAL")
+        self._decoder = Decoder
+        Decoder(samprate=16000, loglevel="FATAL")  # fails here if the model is missing
 
     def words(self, wav: torch.Tensor, sample_rate: int) -> list[str]:
         import torchaudio
@@ -86,10 +92,11 @@ class Recogniser:
         if sample_rate != 16000:
             wav = torchaudio.functional.resample(wav, sample_rate, 16000)
         pcm = (wav.clamp(-1, 1) * 32767).short().numpy().tobytes()
-        self.decoder.start_utt()
-        self.decoder.process_raw(pcm, full_utt=True)
-        self.decoder.end_utt()
-        hyp = self.decoder.hyp()
+        decoder = self._decoder(samprate=16000, loglevel="FATAL")
+        decoder.start_utt()
+        decoder.process_raw(pcm, full_utt=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
         return hyp.hypstr.lower().split() if hyp is not None else []
 
 
@@ -182,8 +189,8 @@ def unquantized(synth: Synthesizer, wav: torch.Tensor, speaker: str, voice: str,
 
 
 class MelKmeans:
-    """k-means over the spans of normalised log-mels that units cover: the frame-wise code of
-    ``k`` entries at the unit rate that best fits the mels themselves (squared error).
+    """k-means over the spans of normalised log-mels that units cover: a frame-wise code of ``k``
+    entries at the unit rate fitted to the mels themselves (squared error, locally optimal).
 
     ``fit`` on training utterances (normalised as the model's input, by the checkpoint's
     statistics); :meth:`quantize` maps normalised log-mels ``(n_mels, F)`` to the same shape,
