@@ -61,6 +61,7 @@ import bench_units  # noqa: E402  (prepare and train: the same protocol)
 
 from speechvq import quality  # noqa: E402
 from speechvq.audio import load_audio  # noqa: E402
+from speechvq.baseline import fit_kmeans  # noqa: E402
 from speechvq.data.manifest import read_manifest  # noqa: E402
 from speechvq.features import build_logmel  # noqa: E402
 from speechvq.pitch import F0Moments, f0_track  # noqa: E402
@@ -209,17 +210,13 @@ class MelKmeans:
         return x.double().numpy()
 
     def fit(self, synth: Synthesizer, rows: list) -> MelKmeans:
-        from sklearn.cluster import MiniBatchKMeans
-
         x = [self.spans(synth.front(load_audio(r.path, synth.sample_rate), r.speaker))
              for r in rows]
         x = np.concatenate(x)
         rng = np.random.default_rng(self.seed)
         if len(x) > self.max_frames:
             x = x[rng.choice(len(x), self.max_frames, replace=False)]
-        k = min(self.k, len(x))
-        self.centroids = MiniBatchKMeans(n_clusters=k, random_state=self.seed, batch_size=4096,
-                                         n_init=1, max_iter=100).fit(x).cluster_centers_
+        self.centroids = fit_kmeans(x, self.k, self.seed).cluster_centers_
         return self
 
     def quantize(self, mels: torch.Tensor) -> torch.Tensor:

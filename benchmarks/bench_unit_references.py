@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechvq.audio import load_audio
-from speechvq.baseline import MfccUnitsFeatures
+from speechvq.audio import AudioError, load_audio
+from speechvq.baseline import MfccUnitsFeatures, fit_kmeans
+from speechvq.checkpoint import CheckpointError
 from speechvq.data.alignments import frame_labels, load_alignments, match_alignments
 from speechvq.data.manifest import read_manifest
 from speechvq.metrics import SILENCE, labelled_frames, purity_pnmi
@@ -110,12 +111,9 @@ class Kmeans:
     """The baseline's k-means settings: standardised features, MiniBatchKMeans, one seed."""
 
     def __init__(self, feats: Features, train_ids: set[str], k: int, seed: int) -> None:
-        from sklearn.cluster import MiniBatchKMeans
-
         x = np.concatenate([feats[key] for key in feats if key in train_ids]).astype(np.float64)
         self.mean, self.std = x.mean(0), np.maximum(x.std(0), 1e-5)
-        km = MiniBatchKMeans(n_clusters=min(k, len(x)), random_state=seed, batch_size=4096,
-                             n_init=1, max_iter=100).fit((x - self.mean) / self.std)
+        km = fit_kmeans((x - self.mean) / self.std, k, seed)
         self.centroids = torch.from_numpy(km.cluster_centers_)
 
     def distances(self, x: np.ndarray) -> torch.Tensor:
@@ -186,6 +184,13 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def main() -> None:
+    try:
+        run()
+    except (ValueError, OSError, CheckpointError, AudioError) as err:  # names the file
+        raise SystemExit(f"bench_unit_references: {err}") from None
+
+
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="bench_units.py's folder (data/ inside)")
@@ -207,13 +212,21 @@ def main() -> None:
     train_ids = {r.id for r in read_manifest(data / "train.tsv")}
     test_ids = {r.id for r in read_manifest(data / "test.tsv")}
     alignments = match_alignments(load_alignments(data / "alignments"), rows_all)
+    if not alignments:
+        raise SystemExit(f"bench_unit_references: no utterance of {data / 'manifest.tsv'} has an "
+                         f"alignment in {data / 'alignments'} (prepare with bench_units.py "
+                         "--alignments)")
     synth.add_speakers(rows_all)
     mfcc = MfccUnitsFeatures(synth.features, rate, 13, "mean")
     latents: Features = {}
     base: Features = {}
     speakers = {r.id: r.speaker for r in rows_all}
     for row in tqdm(rows_all, desc="features", unit="utt"):
-        wav = load_audio(row.path, synth.sample_rate)
+        try:
+            wav = load_audio(row.path, synth.sample_rate)
+        except AudioError as err:  # reported and left out of every row
+            tqdm.write(f"skipping {err}")
+            continue
         wav = wav[: synth.num_units(wav.numel()) * synth.samples_per_unit]
         with torch.no_grad():
             x = synth.front(wav, row.speaker).unsqueeze(0)

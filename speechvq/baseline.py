@@ -112,6 +112,16 @@ def _features(rows: Sequence[Any], extractor: MfccUnitsFeatures, desc: str, prog
         yield row, extractor(wav)
 
 
+def fit_kmeans(x: np.ndarray, k: int, seed: int = 0):
+    """``x (N, D)`` -> a fitted ``sklearn`` MiniBatchKMeans with ``min(k, N)`` clusters: the
+    baseline's settings (batches of 4096, one initialisation, 100 passes, ``seed``), shared by
+    every k-means reference the benchmarks place units against."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    return MiniBatchKMeans(n_clusters=min(int(k), len(x)), random_state=seed, batch_size=4096,
+                           n_init=1, max_iter=100).fit(x)
+
+
 class MfccKmeans:
     """MFCC + k-means units: ``fit`` on training utterances, ``transform`` any utterances.
 
@@ -149,8 +159,6 @@ class MfccKmeans:
     def fit(self, rows: Sequence[Any], progress: bool = True) -> MfccKmeans:
         """Fit on manifest ``rows`` (``.path``); reads utterances in a seeded random order until
         ``max_train_frames`` frames are collected."""
-        from sklearn.cluster import MiniBatchKMeans
-
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(rows))
         total, picked = 0, []
@@ -171,9 +179,7 @@ class MfccKmeans:
         k = min(self.n_clusters, len(x))
         if k < self.n_clusters:
             log.warning("baseline: only %d training frames, using %d clusters", len(x), k)
-        self.kmeans = MiniBatchKMeans(
-            n_clusters=k, random_state=self.seed, batch_size=4096, n_init=1, max_iter=100
-        ).fit(x)
+        self.kmeans = fit_kmeans(x, k, self.seed)
         log.info("baseline: k-means with %d clusters on %d frames", k, len(x))
         return self
 
