@@ -1,4 +1,4 @@
-"""The process: thread policy (set before torch is imported), device, ranks, seeding, speed.
+"""The process: device, ranks, seeding, replicas, training speed.
 
 This module imports no torch at its top level: :mod:`speechvq` imports it first, and it must run
 before torch loads. The helpers that need torch (:func:`resolve_device`, :func:`seed_everything`,
@@ -8,142 +8,30 @@ Ranks: under ``torchrun`` every process has ``RANK`` / ``LOCAL_RANK`` / ``WORLD_
 environment; :func:`rank` reads the initialised process group when there is one, else ``RANK``,
 so "am I rank 0" has one answer everywhere (:func:`is_main_process`).
 
-Thread policy:
-
-torch runs its CPU kernels on an OpenMP thread pool (libgomp in the pip wheels). libgomp reads its
-settings once, when ``import torch`` loads it. With ``OMP_WAIT_POLICY`` unset, a thread that
-reaches the end of a parallel region first spins for 300,000 iterations (``GOMP_SPINCOUNT``,
-milliseconds) before it sleeps. On an idle machine that saves a wake-up; when another process
-holds one of the cores, the partner thread is descheduled and the spinning thread burns the time
-it is waiting for, at every barrier: with one busy neighbour on 2 cores, training ran at 0.18x
-of its idle speed instead of the fair ~0.5x.
-
-Importing :mod:`speechvq` imports this module first; with ``SPEECHVQ_CPU=shared`` in the
-environment it calls :func:`apply_thread_policy`: ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at
-once, spin count 0) unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (then nothing is
-changed). Without it libgomp's default stays: on an idle machine it is a third faster. Every console entry point
-imports speechvq before torch, so the policy holds there, in DataLoader workers and in
-``torchrun`` workers. A program that imports torch *before* speechvq keeps libgomp's spinning
-default (:data:`THREAD_POLICY` says ``"too late"``): import speechvq first, or set
-``OMP_WAIT_POLICY=PASSIVE`` in the shell.
-
-Thread count: importing speechvq also calls :func:`choose_threads`: when other processes keep
-cores busy at that moment (``/proc/stat`` over 0.1 s), ``OMP_NUM_THREADS`` is set to the cores
-left free, unless the user set it or ``SPEECHVQ_CPU``. Measured on 2 cores beside one busy process:
-0.64x of the idle speed instead of 0.29x, with the idle speed unchanged (README, "Sharing the CPU").
-
-Check what libgomp took: ``OMP_DISPLAY_ENV=VERBOSE python -c "import speechvq, torch"`` prints
-``GOMP_SPINCOUNT = '0'`` under the passive policy, ``'300000'`` with libgomp's default.
+The CPU thread policy (the OpenMP wait policy and the thread count, at import and during a
+run) is :mod:`speechvq.threads`, which this module imports first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from speechvq.threads import THREAD_CHOICE, THREAD_POLICY, ThreadBalancer, ThreadChange
 
 if TYPE_CHECKING:  # torch is imported lazily: see the module docstring
     import torch
     from torch import nn
 
-#: What speechvq sets when the user set none of :data:`USER_KEYS`.
-DEFAULT_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-#: Any of these in the environment means the user chose the wait behaviour: it is left alone.
-USER_KEYS: tuple[str, ...] = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
-def apply_thread_policy(
-    environ: MutableMapping[str, str] | None = None, torch_loaded: bool | None = None
-) -> str:
-    """Set :data:`DEFAULT_ENV` in ``environ`` (default ``os.environ``) unless the user chose.
-
-    Args:
-        environ: the environment to change (tests pass a dict).
-        torch_loaded: whether torch (hence libgomp) is already loaded in this process; default:
-            ``"torch" in sys.modules``.
-    Returns:
-        One line for logs: ``"OMP_WAIT_POLICY=PASSIVE (set by speechvq)"``,
-        ``"OMP_WAIT_POLICY=... (from the environment)"`` (the user's, or a speechvq parent's), or ``"... too late: torch was imported
-        before speechvq"`` (the variables are still set, for child processes).
-    """
-    env = os.environ if environ is None else environ
-    if torch_loaded is None:
-        torch_loaded = "torch" in sys.modules
-    chosen = [f"{k}={env[k]}" for k in USER_KEYS if k in env]
-    if chosen:
-        return f"{' '.join(chosen)} (from the environment)"
-    for key, value in DEFAULT_ENV.items():
-        env[key] = value
-    what = " ".join(f"{k}={v}" for k, v in DEFAULT_ENV.items())
-    if torch_loaded:
-        return (f"{what} too late: torch was imported before speechvq, its OpenMP threads "
-                "spin-wait in this process")
-    return f"{what} (set by speechvq)"
-
-
-#: ``SPEECHVQ_CPU=shared`` applies :data:`DEFAULT_ENV` when speechvq is imported. It is not the
-#: default: measured on 2 cores (README, ``benchmarks/bench_contention.py``), passive waiting
-#: keeps 0.62x of the idle speed beside one busy process (0.27x with libgomp's spinning) but costs
-#: a third of the idle speed itself. What was done is logged with slowdowns.
-THREAD_POLICY: str = (
-    apply_thread_policy() if os.environ.get("SPEECHVQ_CPU") == "shared"
-    else "libgomp's default (SPEECHVQ_CPU=shared or OMP_WAIT_POLICY=PASSIVE for a busy machine)"
-)
-
-
-def busy_cores(seconds: float = 0.1) -> float | None:
-    """How many cores other processes keep busy now: CPU time used in ``/proc/stat`` over
-    ``seconds`` (this process sleeps meanwhile). ``None`` where there is no ``/proc/stat``."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values[:8]), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    cores = os.cpu_count() or 1
-    elapsed = max(total1 - total0, 1)
-    return cores * (1.0 - (idle1 - idle0) / elapsed)
-
-
-def choose_threads(environ: MutableMapping[str, str] | None = None,
-                   busy: float | None = None) -> str:
-    """Set ``OMP_NUM_THREADS`` to the cores left free by other processes when some are busy
-    (unless the user set it, or ``SPEECHVQ_CPU`` chose a policy): measured on 2 cores, two torch
-    threads beside one busy process ran at 0.27x of their idle speed, one thread at 0.63x.
-    Returns a line for logs."""
-    env = os.environ if environ is None else environ
-    if "OMP_NUM_THREADS" in env or "SPEECHVQ_CPU" in env:
-        return "threads: as set in the environment"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    busy = busy_cores() if busy is None else busy
-    if busy is None or cores < 2:
-        return "threads: torch's default"
-    free = cores - int(busy + 0.5)
-    if free >= cores:
-        return f"threads: torch's default ({cores} cores free)"
-    env["OMP_NUM_THREADS"] = str(max(1, free))
-    return (f"threads: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (other processes kept "
-            f"{busy:.1f} of {cores} cores busy when speechvq started)")
-
-
-#: What :func:`choose_threads` did when speechvq was imported (before torch, in every entry point).
-THREAD_CHOICE: str = choose_threads() if "torch" not in sys.modules else "threads: torch's default"
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ ranks
@@ -304,21 +192,22 @@ def verify_replicas(module: nn.Module, info: DistInfo) -> list[str]:
 # --------------------------------------------------------------------------- training speed
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 class Throughput:
     """Training speed of one run, for the logs only (wall-clock data never reaches the training,
-    so exact resume is untouched).
+    so exact resume is untouched), and the :class:`ThreadBalancer` that follows the CPU load.
 
     Training time is wall time less the time spent in :meth:`pause` blocks (validation, media,
     checkpoints). The *first window* starts after :attr:`WARMUP_STEPS` and lasts at least
     :attr:`WINDOW_STEPS` steps and :attr:`WINDOW_SECONDS`; after it, every stretch of at least
     :attr:`CHECK_SECONDS` (and :attr:`CHECK_STEPS`) is compared with it, and the first one below
     :attr:`SLOW_RATIO` of the first window's rate gives one warning (:meth:`update`).
+
+    A change of torch's thread count ends the stretch being measured (no stretch mixes two
+    counts). When the count goes up (other processes left), the reference window was measured
+    with fewer free cores: it is measured again at the new count, or a later neighbour could
+    bring the run back to the old, slower speed without a warning. When it goes down (other
+    processes came), the reference stays: the run is slower because of them, which the warning
+    is for, and it names the thread count.
     """
 
     WARMUP_STEPS = 20  # kernel selection, allocator and cache warm-up: not representative
@@ -328,7 +217,7 @@ class Throughput:
     CHECK_SECONDS = 20.0  # long enough that a GC pause or a new epoch's data workers do not count
     SLOW_RATIO = 0.5
 
-    def __init__(self, step: int, now: float) -> None:
+    def __init__(self, step: int, now: float, balancer: ThreadBalancer | None = None) -> None:
         self.start_step, self.start = step, now
         self.paused = 0.0
         self.step = step
@@ -336,6 +225,9 @@ class Throughput:
         self.first: tuple[int, int, float] | None = None  # (from step, to step, steps/s)
         self.warned = False
         self._mark: tuple[int, float] | None = None  # (step, training time) where a stretch began
+        self.balancer = ThreadBalancer.for_process() if balancer is None else balancer
+        self._first_threads = self.balancer.threads  # the count the reference is measured at
+        self._remeasured = False  # the reference was measured again after more threads
 
     @property
     def rate(self) -> float:
@@ -356,9 +248,14 @@ class Throughput:
             self.paused += time.monotonic() - t0
 
     def update(self, step: int, now: float) -> str | None:
-        """Note that ``step`` ended at ``now``; the slowdown warning (once per run), or None."""
+        """Note that ``step`` ended at ``now``; the slowdown warning (once per run), or None.
+        Also drives :attr:`balancer` (a thread change is logged by it, at INFO)."""
         self.step, self.train_seconds = step, now - self.start - self.paused
         t = self.train_seconds
+        change = self.balancer.update(now)
+        if change is not None:
+            self._threads_changed(change, step, t)
+            return None
         if self._mark is None:
             if step - self.start_step >= self.WARMUP_STEPS:
                 self._mark = (step, t)
@@ -373,6 +270,7 @@ class Throughput:
         self._mark = (step, t)
         if self.first is None:
             self.first = (since, step, recent)
+            self._first_threads = self.balancer.threads
             return None
         if self.warned or recent >= self.SLOW_RATIO * self.first[2]:
             return None
@@ -380,19 +278,32 @@ class Throughput:
         a, b, first = self.first
         return (
             f"training slowed down: {recent:.3g} steps/s over steps {since}-{step}, "
-            f"{recent / first:.0%} of the {first:.3g} steps/s of its first window (steps {a}-{b}). "
-            "Another process is probably using the CPU (or GPU); a time-limited run "
-            "(trainer.max_minutes) will reach fewer steps. "
-            f"[torch threads: {_torch_threads()}; {THREAD_CHOICE}; {THREAD_POLICY}]"
+            f"{recent / first:.0%} of the {first:.3g} steps/s of its {self._reference()} "
+            f"(steps {a}-{b}). Another process is probably using the CPU (or GPU); a time-limited "
+            "run (trainer.max_minutes) will reach fewer steps. "
+            f"[{self.balancer.describe()}; {THREAD_CHOICE}; {THREAD_POLICY}]"
         )
 
+    def _threads_changed(self, change: ThreadChange, step: int, t: float) -> None:
+        if self._mark is not None:
+            self._mark = (step, t)  # the stretch so far ran at the old count
+        if self.first is not None and change.new > self._first_threads:
+            self.first, self._remeasured = None, True  # the next full window is the reference
+
+    def _reference(self) -> str:
+        return (f"window at {self._first_threads} threads" if self._remeasured
+                else "first window")
+
     def summary(self, now: float) -> str:
-        """The end-of-run line: steps, minutes, steps/s (and the first window's)."""
+        """The end-of-run line: steps, minutes, steps/s (and the reference window's)."""
         steps = self.step - self.start_step
         line = (f"trained {steps} step{'s' * (steps != 1)} in {(now - self.start) / 60:.1f} min: "
                 f"{self.rate:.3g} steps/s")
         if self.first is not None:
-            line += f" (first window: {self.first[2]:.3g} steps/s)"
+            line += f" ({self._reference()}: {self.first[2]:.3g} steps/s)"
+        if changes := self.balancer.changes:
+            counts = " -> ".join(str(n) for n in [changes[0].old, *(c.new for c in changes)])
+            line += f"; torch threads {counts} as other processes came and went"
         if self.paused > 0.05 * max(now - self.start, 1e-9):
             line += (f"; validation, media and checkpoints took {self.paused / 60:.1f} min of it "
                      "(not counted in steps/s)")
