@@ -2,7 +2,7 @@
 # Extract units (speechvq-extract): one unit file for a manifest, its sidecar FILE.json
 # [+ FILE.durations].
 #   recipes/extract.sh --checkpoint CKPT --manifest M.tsv --out UNITS [--format gslm]
-#                      [--dedup false] [--nj 1] [--gpus ""] [key=value ...]
+#                      [--dedup false] [--nj 1] [--gpus ""] [--from-units "A B"] [key=value ...]
 # Options:
 #   --checkpoint FILE      VQ-VAE checkpoint
 #   --manifest FILE        utterances to encode
@@ -12,8 +12,12 @@
 #   --nj N                 parallel jobs, each a block of the manifest (shard=i nshards=N), joined
 #                          at the end (1)
 #   --gpus "0 1"           job i sees only GPU i mod (number of GPUs listed) ("": all of them)
+#   --from-units "A B"     encode nothing: OUT holds the manifest's utterances, in its order, taken
+#                          from these unit files (the subsets a split is made of), which must be
+#                          of this checkpoint, format and dedup ("": encode)
 # key=value arguments go to speechvq-extract. Skipped when .done.extract.<FILE name> beside FILE
-# records the same command line and checkpoint and manifest are older than it.
+# records the same command line and checkpoint, manifest (and --from-units files) are older than
+# it. A crashed extraction resumes from its last finished part (speechvq-extract part_seconds).
 set -euo pipefail
 # shellcheck source=recipes/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -25,8 +29,19 @@ format=gslm
 dedup=false
 nj=1
 gpus=""
+from_units=""
 parse_options "$@"
 require checkpoint manifest out
+
+if [ -n "$from_units" ]; then
+  read -ra sources <<< "$from_units"
+  after=() quoted=()
+  for f in "${sources[@]}"; do after+=(--after "$f"); quoted+=("'${f//\'/\\\'}'"); done
+  run_step "$(dirname "$out")" "extract.$(basename "$out")" --after "$checkpoint" --after "$manifest" \
+    "${after[@]}" -- speechvq-extract "checkpoint=$checkpoint" "data.manifest=$manifest" "out=$out" \
+    "format=$format" "dedup=$dedup" "from_units=[$(IFS=,; echo "${quoted[*]}")]" "${overrides[@]}"
+  exit 0
+fi
 
 extract=(speechvq-extract "checkpoint=$checkpoint" "data.manifest=$manifest" "out=$out"
          "format=$format" "dedup=$dedup" "${overrides[@]}")

@@ -20,9 +20,16 @@
 #   want_stage N                 true when stage <= N <= stop_stage
 #   run_step DIR NAME [--after FILE]... -- COMMAND...
 #                                runs COMMAND unless DIR/.done.NAME says it ran with the same command
-#                                line (hashed) and no --after FILE is newer than that marker; the
-#                                marker is written only when COMMAND succeeds. force=true re-runs.
+#                                line (hashed, less any --node-rank=R) and no --after FILE is newer
+#                                than that marker; the marker is written only when COMMAND succeeds.
+#                                force=true re-runs.
 #   speechvq_bin NAME            the path of the console script speechvq-NAME (for torchrun)
+#   launcher NAME                fills the array `cmd` with how to start speechvq-NAME on $nproc
+#                                processes per node and $nnodes nodes: the command itself (one
+#                                process), `torchrun --standalone` (one node), or torchrun with a
+#                                c10d rendezvous at $rdzv_endpoint named $rdzv_id (several nodes;
+#                                --node-rank=$node_rank when set). The caller defines nproc, nnodes,
+#                                node_rank, rdzv_endpoint and rdzv_id (its --nproc ... options).
 
 STAGE_NAMES=(prepare train extract evaluate prior sample resynth)
 # the primary hydra config of each stage's command
@@ -137,7 +144,8 @@ run_step() {
   shift
   local marker=$dir/.done.$name command hash
   command=$(printf '%q ' "$@")
-  hash=$(printf '%s' "$command" | sha256sum | cut -c1-16)
+  # the same step on every node of a multi-node job: its node rank is not part of what it does
+  hash=$(printf '%q ' "${@/#--node-rank=*/}" | sha256sum | cut -c1-16)
   if [ -f "$marker" ] && [ "$force" != true ]; then
     if [ "$(head -n 1 "$marker")" != "$hash" ]; then
       _log_at 1 "$name: the command changed since $marker was written: re-running"
@@ -163,4 +171,18 @@ run_step() {
 
 speechvq_bin() {
   command -v "speechvq-$1" || die "speechvq-$1 not found: activate the environment speechvq is installed in (pip install -e .)"
+}
+
+launcher() {
+  local bin
+  [[ ${nproc:?} =~ ^[1-9][0-9]*$ ]] || die "--nproc takes a positive number (got '$nproc')"
+  [[ ${nnodes:?} =~ ^[1-9][0-9]*$ ]] || die "--nnodes takes a positive number (got '$nnodes')"
+  if ((nnodes == 1 && nproc == 1)); then cmd=("speechvq-$1"); return; fi
+  bin=$(speechvq_bin "$1")
+  if ((nnodes == 1)); then cmd=(torchrun --standalone "--nproc_per_node=$nproc" "$bin"); return; fi
+  [ -n "${rdzv_endpoint:-}" ] || die "--nnodes $nnodes needs --rdzv-endpoint HOST:PORT (the first node's address and a free port, the same on every node)"
+  cmd=(torchrun "--nnodes=$nnodes" "--nproc_per_node=$nproc" --rdzv-backend=c10d
+       "--rdzv-endpoint=$rdzv_endpoint" "--rdzv-id=${rdzv_id:-speechvq}")
+  if [ -n "${node_rank:-}" ]; then cmd+=("--node-rank=$node_rank"); fi
+  cmd+=("$bin")
 }

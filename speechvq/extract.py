@@ -1,30 +1,44 @@
-"""Chunked, sharded extraction: every utterance of a manifest -> a unit file and its sidecar.
+"""Sharded, resumable extraction: every utterance of a manifest -> a unit file and its sidecar.
 
 :func:`extract` is what ``speechvq-extract`` runs: this job's block of the manifest (``shard`` of
 ``nshards``, consecutive blocks so that joining the shards in order gives manifest order back) is
 encoded into ``OUT`` (``OUT.shard-I-of-N``) with its :class:`speechvq.units.Sidecar` and, with
-``dedup``, ``OUT.durations``; :func:`merge` joins the shards. Features are made and normalised as
-in training (the checkpoint's features config through :class:`speechvq.features.FrontEnd`; the
-per-speaker statistics by :func:`speechvq.features.stats_for_rows`). Unreadable files are reported,
-skipped and listed in the sidecar.
+``dedup``, ``OUT.durations``; :func:`merge` joins the shards; :func:`merge_from_units` builds the
+unit file of a split from the unit files of the subsets it is made of (each utterance is encoded
+once). Features are made and normalised as in training (the checkpoint's features config through
+:class:`speechvq.features.FrontEnd`; the per-speaker statistics by
+:func:`speechvq.features.stats_for_rows`). Unreadable files are reported, skipped and listed in
+the sidecar.
+
+Parts: a job's rows are cut into consecutive blocks of about ``part_seconds`` of audio (manifest
+order; :func:`plan_parts`), each encoded longest-first within itself and written at once, atomically,
+as ``OUT.part-KKKKK.npz`` + ``OUT.part-KKKKK.json`` (what it was made with, which rows). A re-run
+after a crash keeps the parts whose signature matches (checkpoint hash, manifest and its hash,
+format, dedup, shard, part plan) and encodes only the others; stale parts are discarded with a log
+line. At the end the parts are joined into OUT (byte-identical to a run without parts) and removed.
 
 One writer per output: ``.OUT.lock`` beside it is held while a job works on OUT (:func:`output_lock`),
 and a second job into the same OUT is refused at once. The sidecar is written last and holds the
 sha256 of the unit (and durations) file, so it describes exactly the files beside it; a re-run
 whose output and sidecar match the checkpoint hash and job (:func:`signature`) is "already done".
 
-Below that, the machinery: :class:`ModelInput` (manifest row -> model input), the exact
-:class:`ChunkedEncoder` and :func:`extract_units` (rows -> units, batched, in bounded memory).
+Numerics: on CUDA the encoder runs under :func:`extraction_numerics` (no TF32 for matmuls and
+convolutions, deterministic cuDNN kernels, no autotuning; restored afterwards). The nearest code is the lowest index among equal distances (``argmin``'s
+first minimum, :func:`speechvq.nn.quantizer.nearest_codes`); CUDA and CPU may differ only on frames
+whose two nearest codes are within float rounding of each other.
+
+The machinery (rows -> units, exactly, in bounded memory) is :mod:`speechvq.chunked`; its public
+names are importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
-import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,19 +48,30 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from speechvq.audio import AudioError, load_audio
 from speechvq.checkpoint import CheckpointError, OutputLock, checkpoint_hash
+from speechvq.chunked import (  # noqa: F401 (re-exported: speechvq.extract's public names)
+    ChunkedEncoder,
+    Extraction,
+    ModelInput,
+    extract_units,
+    iter_units,
+    measured_receptive_field,
+    plan_chunks,
+    receptive_field,
+)
 from speechvq.data.manifest import read_manifest
-from speechvq.features import FeatureStats, FrontEnd, stats_for_rows
-from speechvq.files import file_hash
+from speechvq.features import FeatureStats, stats_for_rows
+from speechvq.files import file_hash, read_json, write_json
+from speechvq.numerics import exact_numerics
 from speechvq.runtime import resolve_device
+from speechvq.unit_merge import merge_shards, merge_units
 from speechvq.units import (
     FORMATS,
     Sidecar,
     Units,
     durations_path,
-    merge_shards,
     read_sidecar,
+    read_units,
     shard_path,
     sidecar_path,
     write_sidecar,
@@ -65,7 +90,9 @@ class ExtractError(ValueError):
 class ExtractJob:
     """One ``speechvq-extract`` run as plain data (the keys of ``conf/extract.yaml``).
 
-    ``config`` is the full resolved config, kept in the sidecar.
+    ``config`` is the full resolved config, kept in the sidecar. ``part_seconds``: audio per
+    part (None: no parts). ``from_units``: unit files to build OUT from instead of encoding
+    (:func:`merge_from_units`).
     """
 
     checkpoint: str
@@ -84,6 +111,8 @@ class ExtractJob:
     threads: int | None
     progress: bool
     config: dict = field(default_factory=dict)
+    part_seconds: float | None = None
+    from_units: tuple[str, ...] = ()
 
     @property
     def target(self) -> Path:
@@ -157,6 +186,69 @@ def merge(out: str | Path, nshards: int, remove: bool = False) -> Sidecar:
     return meta
 
 
+def merge_from_units(job: ExtractJob) -> Sidecar | None:
+    """OUT for the utterances of ``job.manifest``, in its order, from the unit files
+    ``job.from_units`` (e.g. a split from its subsets' files: each utterance encoded once).
+
+    The sources must have the job's format and dedup, agree with each other and, when
+    ``job.checkpoint`` is given, come from that checkpoint; every utterance of the manifest must
+    be in one of them (or be one of their rejected files). The sidecar names the sources
+    (``merged_from``) and the manifest; None when OUT is already done (same sources, unchanged).
+    """
+    target, sources = job.target, [Path(p) for p in job.from_units]
+    if job.nshards > 1:
+        raise ExtractError("from_units=[...] builds one file: leave shard/nshards out")
+    with output_lock(target):
+        try:
+            ids = [row.id for row in read_manifest(job.manifest)]
+            metas = [read_sidecar(p) for p in sources]
+            ckpt = checkpoint_hash(job.checkpoint) if job.checkpoint else None
+        except (OSError, ValueError, CheckpointError) as err:
+            raise ExtractError(str(err)) from None
+        for p, meta in zip(sources, metas, strict=True):
+            if not p.is_file():
+                raise ExtractError(f"{p}: no such unit file (from_units)")
+            if meta is None:
+                raise ExtractError(f"{p}: no sidecar {p}.json: not a speechvq-extract unit file")
+            for key, value in (("format", job.format), ("dedup", job.dedup),
+                               ("checkpoint_hash", ckpt)):
+                if value is not None and getattr(meta, key) != value:
+                    raise ExtractError(f"{p} has {key}={getattr(meta, key)!r}, not {value!r} "
+                                       f"(this job's): extract it again, or merge like with like")
+        wanted = signature(job, ckpt or (metas[0].checkpoint_hash if metas else ""))
+        wanted["from_units"] = [{"path": str(p.resolve()), "units_hash": m.units_hash}
+                                for p, m in zip(sources, metas, strict=True)]
+        if not job.force and is_done(target, wanted, job.dedup):
+            log.info("%s: already done (same unit files); force=true merges again", target)
+            return None
+        for p, m in zip(sources, metas, strict=True):
+            if (m.normalization or {}).get("speakers_computed"):
+                log.warning("%s: some speakers' statistics were computed over its own manifest: "
+                            "a speaker whose utterances %s groups differently may get other units "
+                            "than extracting it directly (a stats.json beside the manifests that "
+                            "covers every speaker avoids this)", p, job.manifest)
+        try:
+            meta = merge_units(target, sources, ids)
+        except (OSError, ValueError) as err:
+            raise ExtractError(str(err)) from None
+        meta.manifest, meta.manifest_hash = wanted["manifest"], wanted["manifest_hash"]
+        meta.signature = wanted
+        hashes = output_hashes(target)
+        meta.units_hash, meta.durations_hash = hashes["units_hash"], hashes["durations_hash"]
+        meta.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_sidecar(target, meta)
+    return meta
+
+
+def extraction_numerics(device: str | torch.device) -> contextlib.AbstractContextManager:
+    """What the encoder runs under on ``device``: on CUDA, IEEE fp32 matmuls and convolutions (no
+    TF32: its 10-bit mantissa moves encoder outputs by ~1e-3 and would change units far from any
+    tie), deterministic cuDNN kernels and no autotuning (the same units whatever the batching),
+    the previous settings restored on exit (:func:`speechvq.numerics.exact_numerics`); nothing
+    elsewhere."""
+    return exact_numerics() if torch.device(device).type == "cuda" else contextlib.nullcontext()
+
+
 def extract(job: ExtractJob) -> Sidecar | None:
     """Run ``job`` (holding its output's lock); its sidecar, or None when already done."""
     check_shards(job.format, job.shard, job.nshards)
@@ -175,6 +267,7 @@ def _extract_locked(job: ExtractJob) -> Sidecar | None:
                     (job.shard + 1) * len(all_rows) // job.nshards]
     if not job.force and is_done(target, wanted, job.dedup):
         log.info("%s: already done (same checkpoint and config); force=true re-extracts", target)
+        discard_parts(target)  # a run killed between writing OUT and removing its parts
         return None
     device = resolve_device(job.device)
     if job.threads:
@@ -184,18 +277,143 @@ def _extract_locked(job: ExtractJob) -> Sidecar | None:
                             stats, chunk_seconds=job.chunk_seconds)
     encoder = ChunkedEncoder(model, job.chunk_seconds, job.context_seconds,
                              job.max_batch_seconds, device)
-    log.info("%s: %d utterances (shard %d of %d), %s model, %d codes at %g Hz, context %d units, "
-             "on %s", manifest, len(rows), job.shard, job.nshards, model.kind, model.n_codes,
-             model.unit_rate, encoder.context, device)
-    result = extract_units(rows, make_input, encoder, job.num_workers, job.progress)
+    plan = plan_parts(rows, job.part_seconds, model.sample_rate)
+    log.info("%s: %d utterances (shard %d of %d, %d part(s)), %s model, %d codes at %g Hz, "
+             "context %d units, on %s", manifest, len(rows), job.shard, job.nshards, len(plan),
+             model.kind, model.n_codes, model.unit_rate, encoder.context, device)
+    with extraction_numerics(device):
+        result, parts = _extract_parts(job, rows, plan, wanted, make_input, encoder)
     if rows and not result.units:
         raise ExtractError(f"{manifest}: none of the {len(rows)} utterances could be read")
     sidecar_path(target).unlink(missing_ok=True)  # never a sidecar describing older units
     write_units(target, result.units, job.format, dedup=job.dedup, n_codes=model.n_codes)
     meta = _sidecar(job, wanted, model, encoder, result, device)
     meta.features, meta.normalization = (dict(features) if features else None), normalization
+    if parts:  # the audio this run encoded, not the parts it found done
+        meta.parts = parts
+        meta.realtime_factor = round(parts["encoded_seconds"] / max(result.wall_seconds, 1e-9), 1)
     write_sidecar(target, meta)
+    discard_parts(target)
     return meta
+
+
+# --------------------------------------------------------------------------------------------
+# parts: what a crash can lose
+
+
+def plan_parts(rows: Sequence[Any], part_seconds: float | None, sample_rate: int
+               ) -> list[tuple[int, int]]:
+    """Consecutive blocks ``[start, stop)`` of ``rows`` of at least ``part_seconds`` of audio
+    each (by the manifest's ``num_samples``; the last block takes the rest), in order. None or 0:
+    one block. The plan depends only on the rows and the arguments, so a re-run finds it again."""
+    if not part_seconds or part_seconds <= 0:
+        return [(0, len(rows))]
+    limit, plan, start, size = part_seconds * sample_rate, [], 0, 0
+    for i, row in enumerate(rows):
+        size += row.num_samples
+        if size >= limit:
+            plan.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(rows) or not plan:
+        plan.append((start, len(rows)))
+    return plan
+
+
+def part_path(target: str | Path, index: int) -> Path:
+    """``OUT.part-KKKKK.npz``: the frame-level units of part ``index`` of the job writing OUT."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.part-{index:05d}.npz")
+
+
+def _part_meta(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def discard_parts(target: str | Path, keep: Sequence[Path] = (), why: str | None = None) -> None:
+    """Remove the part files of ``target`` but ``keep`` (with a log line saying ``why``)."""
+    target = Path(target)
+    kept = {Path(p) for p in keep} | {_part_meta(Path(p)) for p in keep}
+    stale = sorted(p for p in target.parent.glob(glob.escape(target.name) + ".part-*")
+                   if p not in kept)
+    if stale and why:
+        log.info("%s: discarding %d stale part file(s) (%s)", target, len(stale), why)
+    for p in stale:
+        p.unlink(missing_ok=True)
+
+
+def _part_signature(wanted: dict, part_seconds: float | None, index: int, span: tuple[int, int]
+                    ) -> dict:
+    return {**wanted, "part_seconds": part_seconds, "part": index, "rows": list(span)}
+
+
+def _load_part(path: Path, wanted: dict) -> tuple[Units, list[dict]] | str:
+    """A finished part's units and rejected rows, or why it cannot be used."""
+    try:
+        meta = read_json(_part_meta(path))
+    except (OSError, ValueError):
+        return "no readable description"
+    if meta.get("signature") != wanted:
+        return "made with another checkpoint, manifest, format, shard or part plan"
+    if not path.exists() or file_hash(path) != meta.get("units_hash"):
+        return "its units are not the ones described"
+    return read_units(path, "npy", dtype=np.int16), list(meta.get("rejected", []))
+
+
+def _write_part(path: Path, wanted: dict, result: Extraction) -> None:
+    """Units first, then the description (both atomic): a described part is a whole part."""
+    write_units(path, result.units, "npy")
+    write_json(_part_meta(path), {
+        "signature": wanted, "units_hash": file_hash(path), "rejected": result.rejected,
+        "utterances": len(result.units), "seconds": round(result.seconds, 3),
+        "wall_seconds": round(result.wall_seconds, 3)})
+
+
+def _extract_parts(job: ExtractJob, rows: Sequence[Any], plan: list[tuple[int, int]],
+                   wanted: dict, make_input: ModelInput, encoder: ChunkedEncoder
+                   ) -> tuple[Extraction, dict | None]:
+    """Units of ``rows`` part by part, keeping the parts a crashed run finished; the parts
+    summary for the sidecar (None: one part, nothing written before the end)."""
+    target = job.target
+    if len(plan) == 1:
+        discard_parts(target, why="the job is one part now")
+        return extract_units(rows, make_input, encoder, job.num_workers, job.progress), None
+    start = time.perf_counter()
+    done: dict[int, tuple[Units, list[dict]]] = {}
+    paths = [part_path(target, k) for k in range(len(plan))]
+    if not job.force:
+        for k, span in enumerate(plan):
+            found = _load_part(paths[k], _part_signature(wanted, job.part_seconds, k, span))
+            if isinstance(found, str):
+                if _part_meta(paths[k]).exists():
+                    log.info("%s: part %d is stale (%s): encoding it again", target, k, found)
+            else:
+                done[k] = found
+    discard_parts(target, keep=[paths[k] for k in done], why="not of this job or unfinished")
+    resumed = len(done)
+    if done:
+        log.info("%s: resuming: %d of %d parts were already done", target, len(done), len(plan))
+    bar = tqdm(total=len(rows), unit="utt", desc="extract", disable=not job.progress,
+               file=sys.stderr, initial=sum(plan[k][1] - plan[k][0] for k in done))
+    units: Units = {}
+    rejected: list[dict] = []
+    encoded = 0.0
+    try:
+        for k, (a, b) in enumerate(plan):
+            if k not in done:
+                part = extract_units(rows[a:b], make_input, encoder, job.num_workers, False)
+                _write_part(paths[k], _part_signature(wanted, job.part_seconds, k, (a, b)), part)
+                done[k] = (part.units, part.rejected)
+                encoded += part.seconds
+                bar.update(b - a)
+            units.update(done[k][0])
+            rejected.extend(done[k][1])
+    finally:
+        bar.close()
+    frames = sum(len(u) for u in units.values())
+    wall = time.perf_counter() - start
+    result = Extraction(units, rejected, frames / encoder.unit_rate, wall)
+    return result, {"parts": len(plan), "resumed": resumed, "part_seconds": job.part_seconds,
+                    "encoded_seconds": round(encoded, 3)}
 
 
 def _load_model(job: ExtractJob, rows: Sequence[Any], all_rows: Sequence[Any],
@@ -237,366 +455,3 @@ def _sidecar(job: ExtractJob, wanted: dict, model: nn.Module, encoder: ChunkedEn
         realtime_factor=round(result.realtime_factor, 1),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=dict(job.config),
         ids=list(result.units) if job.format == "km" else None)
-
-
-# --------------------------------------------------------------------------------------------
-# extraction: whole utterances -> frame-level units, chunked and batched, yet exactly the units
-# of each utterance encoded whole on its own.
-#
-# Why this is exact: a stack of convolutions (with per-frame norms and activations) makes output
-# unit j depend only on inputs within its receptive field. An utterance is cut into windows of
-# `chunk` units plus `context` units of input on each side, with context >= the receptive field
-# in units; only each window's centre is kept, so the cut never reaches a kept unit. Batching pads
-# windows on the right with zeros; that padding only reaches the last `context` units of a
-# window, so a window that ends at the utterance's end keeps all but its last `context` units and
-# those come from a "tail" window of exactly 2 * context units, batched only with windows of the
-# same length (no padding at all).
-
-
-def receptive_field(encoder: nn.Module) -> tuple[int, int]:
-    """``(rf, stride)`` of a 1-D conv encoder, both in input frames (mel frames or samples).
-
-    ``rf`` is an upper bound on how many consecutive input frames one output frame can see: the
-    Conv1d / pooling layers are walked in registration order and their widths added (a residual
-    branch adds its width, the identity path nothing). ``stride`` is the product of the strides:
-    input frames per output unit. Raises ValueError for a layer that mixes the whole sequence
-    (recurrent, attention, GroupNorm / InstanceNorm over time): chunked encoding cannot be exact.
-    """
-    rf, stride = 1, 1
-    for module in encoder.modules():
-        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.GroupNorm, nn.InstanceNorm1d)):
-            raise ValueError(
-                f"encoder layer {type(module).__name__} sees the whole sequence: chunked "
-                "extraction could change the units"
-            )
-        if isinstance(module, nn.Conv1d):
-            k, s, d = module.kernel_size[0], module.stride[0], module.dilation[0]
-        elif isinstance(module, (nn.AvgPool1d, nn.MaxPool1d)):
-            k, s, d = _int(module.kernel_size), _int(module.stride), _int(
-                getattr(module, "dilation", 1)
-            )
-        else:
-            continue
-        rf += (k - 1) * d * stride
-        stride *= s
-    return rf, stride
-
-
-def measured_receptive_field(encoder: nn.Module, input_shape: Sequence[int], length: int) -> int:
-    """The receptive field of the centre output frame, measured: the span of input frames with a
-    non-zero gradient, for a random input ``(1, *input_shape, length)`` (input frames).
-
-    A check on :func:`receptive_field`, which trusts that layers are registered in the order they
-    run; the larger of the two is used.
-    """
-    gen = torch.Generator().manual_seed(0)
-    param = next(encoder.parameters())
-    x = torch.randn((1, *input_shape, length), generator=gen).to(param)
-    x.requires_grad_(True)
-    with torch.enable_grad():
-        z = encoder(x)
-        (grad,) = torch.autograd.grad(z[..., z.shape[-1] // 2].sum(), x)
-    nonzero = torch.nonzero(grad.reshape(-1, length).abs().sum(0)).flatten()
-    return int(nonzero[-1] - nonzero[0] + 1) if nonzero.numel() else 1
-
-
-def _int(value: int | Sequence[int]) -> int:
-    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
-
-
-def plan_chunks(
-    n_units: int, chunk_units: int, context_units: int
-) -> list[tuple[int, int, int, int, bool]]:
-    """Windows that cover ``n_units`` units: ``(start, stop, keep_start, keep_stop, pad_ok)``.
-
-    Window ``[start, stop)`` is encoded and units ``[keep_start, keep_stop)`` of it are kept; the
-    kept ranges tile ``[0, n_units)`` in order. ``pad_ok``: the window may be right-padded inside a
-    batch (its kept units are at least ``context_units`` from its end, or it ends nowhere near
-    the utterance's end); other windows are batched only with windows of their exact length.
-    """
-    if chunk_units < 1 or context_units < 0:
-        raise ValueError(f"bad chunking: chunk {chunk_units} units, context {context_units}")
-    c = context_units
-    plan = []
-    for keep_start in range(0, n_units, chunk_units):
-        keep_stop = min(n_units, keep_start + chunk_units)
-        start = max(0, keep_start - c)
-        if keep_stop + c < n_units:
-            plan.append((start, keep_stop + c, keep_start, keep_stop, True))
-            continue
-        # the last window: it reaches the end, so it keeps everything up to the end
-        stop = n_units
-        if c == 0 or stop - start <= 2 * c:
-            plan.append((start, stop, keep_start, stop, False))
-        else:
-            plan.append((start, stop, keep_start, stop - c, True))
-            plan.append((stop - 2 * c, stop, stop - c, stop, False))
-        break
-    return plan
-
-
-@dataclass(frozen=True)
-class _Piece:
-    item: int
-    start: int
-    stop: int
-    keep_start: int
-    keep_stop: int
-    pad_ok: bool
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
-
-
-def _batch_pieces(pieces: Sequence[_Piece], max_units: int) -> list[list[_Piece]]:
-    """Length-sorted batches whose padded size (batch x longest) stays within ``max_units``."""
-    batches: list[list[_Piece]] = []
-    current: list[_Piece] = []
-    for piece in sorted((p for p in pieces if p.pad_ok), key=lambda p: -p.length):
-        if current and current[0].length * (len(current) + 1) > max_units:
-            batches.append(current)
-            current = []
-        current.append(piece)
-    if current:
-        batches.append(current)
-    same_length: dict[int, list[_Piece]] = {}
-    for piece in pieces:
-        if not piece.pad_ok:
-            same_length.setdefault(piece.length, []).append(piece)
-    for length, group in sorted(same_length.items()):
-        per_batch = max(1, max_units // length)
-        batches.extend(group[i : i + per_batch] for i in range(0, len(group), per_batch))
-    return batches
-
-
-class ChunkedEncoder:
-    """Encode whole utterances to units in bounded memory, batched, with exact results.
-
-    ``model`` has ``encoder`` (a conv stack), ``encode(x) -> (B, U)``, ``unit_rate`` and
-    ``downsampling`` (input frames per unit), as :class:`speechvq.vqvae.VQVAE` does.
-    Inputs are whole-utterance model inputs whose last axis is time: normalised log-mels
-    ``(n_mels, F)`` (mel model) or waveforms ``(T,)`` (wave model), a whole number of units long.
-
-    Args:
-        chunk_seconds: units kept per window (bounds the encoder's activation memory).
-        context_seconds: input context on each side of a window; ``None`` (default) derives it
-            from the encoder's receptive field (``ceil(rf / downsampling) + 1`` units), which makes the
-            units independent of the chunking. A smaller value is used as given, with a warning.
-        max_batch_seconds: padded audio per encoder call.
-        device: where the model runs (it is moved there).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        chunk_seconds: float,
-        context_seconds: float | None,
-        max_batch_seconds: float,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.unit_rate = float(model.unit_rate)
-        self.downsampling = int(model.downsampling)
-        self.receptive_field, stride = receptive_field(model.encoder)
-        if stride != self.downsampling:
-            raise ValueError(f"the encoder's strides multiply to {stride}, but the model says "
-                             f"{self.downsampling} input frames per unit")
-        first = next(m for m in model.encoder.modules() if isinstance(m, nn.Conv1d))
-        shape = () if getattr(model, "kind", "mel") == "wave" else (first.in_channels,)
-        d = self.downsampling
-        length = max(4 * self.receptive_field, 64 * d) // d * d
-        measured = measured_receptive_field(model.encoder, shape, length)
-        self.receptive_field = max(self.receptive_field, measured)
-        needed = math.ceil(self.receptive_field / d) + 1
-        if context_seconds is None:
-            self.context = needed
-        else:
-            self.context = math.ceil(context_seconds * self.unit_rate)
-            if self.context < needed:
-                log.warning(
-                    "context %d units is less than the encoder's receptive field (%d units): "
-                    "units near chunk borders may differ from whole-file encoding",
-                    self.context,
-                    needed,
-                )
-        self.chunk = max(1, round(chunk_seconds * self.unit_rate))
-        self.max_units = max(round(max_batch_seconds * self.unit_rate), self.chunk + 2 * self.context)
-
-    def n_units(self, x: torch.Tensor) -> int:
-        """Units an input of this shape yields (``x.shape[-1] // downsampling``)."""
-        return x.shape[-1] // self.downsampling
-
-    @torch.no_grad()
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """``inputs``: whole-utterance inputs -> their units, ``(U_i,)`` int16 each."""
-        pieces = [
-            _Piece(i, *window)
-            for i, x in enumerate(inputs)
-            for window in plan_chunks(self.n_units(x), self.chunk, self.context)
-        ]
-        outputs = [np.empty(self.n_units(x), dtype=np.int16) for x in inputs]
-        for batch in _batch_pieces(pieces, self.max_units):
-            longest = batch[0].length if batch[0].pad_ok else max(p.length for p in batch)
-            first = inputs[batch[0].item]
-            x = first.new_zeros((len(batch), *first.shape[:-1], longest * self.downsampling))
-            for b, p in enumerate(batch):
-                x[b, ..., : p.length * self.downsampling] = inputs[p.item][
-                    ..., p.start * self.downsampling : p.stop * self.downsampling
-                ]
-            codes = self.model.encode(x.to(self.device, non_blocking=True)).cpu().numpy()
-            for b, p in enumerate(batch):
-                lo, hi = p.keep_start - p.start, p.keep_stop - p.start
-                outputs[p.item][p.keep_start : p.keep_stop] = codes[b, lo:hi]
-        return outputs
-
-
-class ModelInput:
-    """Manifest row -> the model's input for the whole utterance, as training prepared it.
-
-    The waveform is cut to whole units (``T // samples_per_unit`` units, as
-    :class:`speechvq.data.dataset.UtteranceDataset` does). Mel model: the one front-end,
-    :class:`speechvq.features.FrontEnd` with ``stats``, ``(n_mels, F)``; wave model:
-    ``(samples_per_unit * U,)``.
-    Raises :class:`speechvq.audio.AudioError` for unreadable audio or audio shorter than a unit.
-    Picklable, so DataLoader workers can run it.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        samples_per_unit: int,
-        sample_rate: int,
-        features_cfg: Mapping | None = None,
-        stats: FeatureStats | None = None,
-        chunk_seconds: float = 30.0,
-    ) -> None:
-        self.kind = kind
-        self.samples_per_unit = int(samples_per_unit)
-        self.sample_rate = int(sample_rate)
-        self.front: FrontEnd | None = None
-        if kind == "mel":
-            if features_cfg is None:
-                raise ValueError("the mel model needs its features config")
-            self.front = FrontEnd(features_cfg, stats, chunk_seconds=chunk_seconds)
-
-    def __call__(self, path: str, speaker: str) -> torch.Tensor:
-        wav = load_audio(path, self.sample_rate)
-        n = wav.numel() // self.samples_per_unit * self.samples_per_unit
-        if n == 0:
-            raise AudioError(path, f"shorter than one unit ({self.samples_per_unit} samples)")
-        wav = wav[:n]
-        if self.front is None:
-            return wav.clone()
-        return self.front(wav, speaker)
-
-
-class _Inputs(torch.utils.data.Dataset):
-    """Row index -> ``(index, input or None, error or None)``: a bad file is a result, not a crash."""
-
-    def __init__(self, rows: Sequence[Any], make_input: Callable[[str, str], torch.Tensor]) -> None:
-        self.rows = rows
-        self.make_input = make_input
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        row = self.rows[index]
-        try:
-            return index, self.make_input(row.path, row.speaker), None
-        except AudioError as err:
-            return index, None, err.problem
-
-
-@dataclass
-class Extraction:
-    """What :func:`extract_units` produced: frame-level ``units`` in row order, the ``rejected``
-    rows (``{"id", "path", "reason"}``), seconds of audio encoded and wall-clock seconds."""
-
-    units: Units
-    rejected: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    wall_seconds: float = 0.0
-
-    @property
-    def realtime_factor(self) -> float:
-        """Seconds of audio per second of wall-clock time."""
-        return self.seconds / max(self.wall_seconds, 1e-9)
-
-
-def iter_units(
-    rows: Sequence[Any],
-    make_input: Callable[[str, str], torch.Tensor],
-    encoder: ChunkedEncoder,
-    num_workers: int = 0,
-    group_seconds: float | None = None,
-    progress: bool = True,
-) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-    """Yield ``(row index, units (U,) int16 or None, error or None)`` for every row, longest first.
-
-    Rows (``.path``, ``.speaker``, ``.num_samples``) are loaded by ``num_workers`` DataLoader
-    workers in order of decreasing length and encoded in groups of about ``group_seconds`` of
-    audio (default: four batches' worth), so padding stays small and memory bounded.
-    """
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i].num_samples, i))
-    loader = torch.utils.data.DataLoader(
-        _Inputs(rows, make_input),
-        batch_size=None,
-        sampler=order,
-        num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,  # hour-long inputs: keep few in flight
-    )
-    group_units = (group_seconds * encoder.unit_rate) if group_seconds else 4 * encoder.max_units
-    bar = tqdm(total=len(rows), unit="utt", desc="extract", disable=not progress, file=sys.stderr)
-    group: list[tuple[int, torch.Tensor]] = []
-    size = 0
-
-    def flush() -> Iterator[tuple[int, np.ndarray, None]]:
-        outputs = encoder([x for _, x in group])
-        for (index, _), units in zip(group, outputs, strict=True):
-            bar.update()
-            yield index, units, None
-
-    try:
-        for index, x, error in loader:
-            if error is not None:
-                bar.update()
-                yield index, None, error
-                continue
-            group.append((index, x))
-            size += encoder.n_units(x)
-            if size >= group_units:
-                yield from flush()
-                group, size = [], 0
-        if group:
-            yield from flush()
-    finally:
-        bar.close()
-
-
-def extract_units(
-    rows: Sequence[Any],
-    make_input: Callable[[str, str], torch.Tensor],
-    encoder: ChunkedEncoder,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> Extraction:
-    """Units for every row (``.id``, ``.path``, ``.speaker``, ``.num_samples``; manifest rows).
-
-    Unreadable files are logged, listed in ``rejected`` and skipped. Returns units in row order.
-    """
-    start = time.perf_counter()
-    found: dict[int, np.ndarray] = {}
-    rejected = []
-    for index, units, error in iter_units(rows, make_input, encoder, num_workers, progress=progress):
-        if units is None:
-            row = rows[index]
-            log.warning("skipping %s: %s", row.path, error)
-            rejected.append({"id": row.id, "path": str(row.path), "reason": error})
-        else:
-            found[index] = units
-    ordered = {rows[i].id: found[i] for i in sorted(found)}
-    frames = sum(len(u) for u in ordered.values())
-    return Extraction(ordered, rejected, frames / encoder.unit_rate, time.perf_counter() - start)

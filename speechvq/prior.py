@@ -116,15 +116,8 @@ def ngram_perplexities(train: Sequence[np.ndarray], valid: Sequence[np.ndarray],
     the bigram's first unit of an utterance is predicted from a start context (its own counts,
     also add-one smoothed). Returns ``{"unigram": ppl, "bigram": ppl, "units": count}``.
     """
-    uni = np.ones(n_codes, dtype=np.float64)
-    big = np.ones((n_codes + 1, n_codes), dtype=np.float64)  # row n_codes: utterance start
-    for seq in train:
-        seq = np.asarray(seq, dtype=np.int64)
-        if seq.size == 0:
-            continue
-        uni += np.bincount(seq, minlength=n_codes)
-        prev = np.concatenate([[n_codes], seq[:-1]])
-        np.add.at(big, (prev, seq), 1.0)
+    uni, big = _ngram_counts(train, n_codes)
+    uni, big = uni + 1.0, big.reshape(n_codes + 1, n_codes) + 1.0  # row n_codes: utterance start
     log_uni = np.log(uni / uni.sum())
     log_big = np.log(big / big.sum(axis=1, keepdims=True))
     nll_uni = nll_big = 0.0
@@ -141,6 +134,36 @@ def ngram_perplexities(train: Sequence[np.ndarray], valid: Sequence[np.ndarray],
         raise ValueError("no validation units to compute perplexities on")
     return {"unigram": math.exp(nll_uni / count), "bigram": math.exp(nll_big / count),
             "units": count}
+
+
+def _ngram_counts(seqs: Sequence[np.ndarray], n_codes: int, block: int = 1 << 22
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Unigram counts (n_codes,) and bigram counts ((n_codes + 1) * n_codes,), the previous unit
+    of an utterance's first being ``n_codes``: one ``bincount`` per ``block`` units."""
+    uni = np.zeros(n_codes, dtype=np.int64)
+    big = np.zeros((n_codes + 1) * n_codes, dtype=np.int64)
+    units: list[np.ndarray] = []
+    size = 0
+
+    def flush() -> None:
+        cur = np.concatenate(units).astype(np.int64)
+        starts = np.cumsum([0] + [len(u) for u in units[:-1]])
+        prev = np.concatenate([[n_codes], cur[:-1]])
+        prev[starts] = n_codes
+        uni[:] += np.bincount(cur, minlength=n_codes)
+        big[:] += np.bincount(prev * n_codes + cur, minlength=big.size)
+        units.clear()
+
+    for seq in seqs:
+        if len(seq):
+            units.append(np.asarray(seq))
+            size += len(seq)
+        if size >= block:
+            flush()
+            size = 0
+    if units:
+        flush()
+    return uni, big
 
 
 def split_ids(ids: Sequence[str], valid_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -169,6 +192,12 @@ class UnitSequences(torch.utils.data.Dataset):
     ``n`` units: the input is ``[lead, u_1 .. u_{n-1}]`` and the targets ``[u_1 .. u_n]``, so every
     unit of the piece, the first included, is predicted. ``max_units`` is at most
     ``block_size``.
+
+    Memory: the units are ONE compact array (:attr:`units`) plus where each item starts, its
+    length and lead. Sequences that are views into one flat array, as
+    :func:`speechvq.units.read_units` returns them, are used in place (no copy at all); others
+    are copied once into int16 (int32 when a value does not fit). Items become int64 tensors
+    only when fetched.
     """
 
     def __init__(self, sequences: Sequence[np.ndarray], leads: Sequence[int], max_units: int,
@@ -177,28 +206,74 @@ class UnitSequences(torch.utils.data.Dataset):
         self.crop = crop
         self.seed = int(seed)
         self.epoch = 0
-        self.items: list[tuple[np.ndarray, int]] = []
-        for seq, lead in zip(sequences, leads, strict=True):
-            seq = np.asarray(seq, dtype=np.int64)
-            if seq.size == 0:
-                continue
-            pieces = [seq] if crop else windows(seq, self.max_units)
-            self.items.extend((piece, int(lead)) for piece in pieces)
+        if len(leads) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(leads)} leads")
+        self.units, starts, lengths = flat_sequences(sequences)
+        leads_a = np.asarray(leads, dtype=np.int64).reshape(-1)
+        keep = lengths > 0
+        starts, lengths, leads_a = starts[keep], lengths[keep], leads_a[keep]
+        if not crop:  # consecutive windows of max_units
+            pieces = -(-lengths // self.max_units)
+            item = np.repeat(np.arange(len(lengths)), pieces)
+            offset = (np.arange(item.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+                      ) * self.max_units
+            starts, leads_a = starts[item] + offset, leads_a[item]
+            lengths = np.minimum(lengths[item] - offset, self.max_units)
+        self.starts, self.lengths, self.leads = starts, lengths, leads_a
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this dataset holds: the units array (shared or not) and the item index."""
+        return int(self.units.nbytes + self.starts.nbytes + self.lengths.nbytes +
+                   self.leads.nbytes)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return int(self.starts.size)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        seq, lead = self.items[index]
-        if self.crop and len(seq) > self.max_units:
+        start, n = int(self.starts[index]), int(self.lengths[index])
+        if self.crop and n > self.max_units:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            start = int(rng.integers(0, len(seq) - self.max_units + 1))
-            seq = seq[start : start + self.max_units]
-        tokens = torch.from_numpy(np.concatenate([[lead], seq]))
+            start += int(rng.integers(0, n - self.max_units + 1))
+            n = self.max_units
+        tokens = torch.empty(n + 1, dtype=torch.long)
+        tokens[0] = int(self.leads[index])
+        tokens[1:] = torch.from_numpy(self.units[start : start + n])
         return {"idx": tokens[:-1], "targets": tokens[1:]}
+
+
+def flat_sequences(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(units, starts, lengths)``: one 1-D integer array holding every sequence, sequence ``i``
+    being ``units[starts[i] : starts[i] + lengths[i]]``.
+
+    When every non-empty sequence is a contiguous view into the same flat int16/int32 array (what
+    :func:`speechvq.units.read_units` returns), that array is returned as it is: no copy. Otherwise
+    the sequences are copied into a new int16 array (int32 when a value does not fit int16).
+    """
+    arrays = [np.asarray(s) for s in sequences]
+    lengths = np.array([a.size for a in arrays], dtype=np.int64)
+    bases = {id(a.base) for a in arrays if a.size}
+    base = next((a.base for a in arrays if a.size), None)
+    if (len(bases) == 1 and isinstance(base, np.ndarray) and base.ndim == 1
+            and base.flags.c_contiguous and base.dtype in (np.int16, np.int32)
+            and all(a.ndim == 1 and a.dtype == base.dtype and a.strides == base.strides
+                    for a in arrays if a.size)):
+        origin = base.__array_interface__["data"][0]
+        starts = np.array([(a.__array_interface__["data"][0] - origin) // base.itemsize
+                           if a.size else 0 for a in arrays], dtype=np.int64)
+        if np.all((starts >= 0) & (starts + lengths <= base.size)):
+            return base, starts, lengths
+    lo = min((int(a.min()) for a in arrays if a.size), default=0)
+    hi = max((int(a.max()) for a in arrays if a.size), default=0)
+    small = np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max
+    units = np.empty(int(lengths.sum()), dtype=np.int16 if small else np.int32)
+    starts = np.cumsum(lengths) - lengths
+    for a, start in zip(arrays, starts.tolist(), strict=True):
+        units[start : start + a.size] = a.reshape(-1)
+    return units, starts, lengths
 
 
 def collate_units(items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -271,10 +346,10 @@ def prior_data(units: str, valid_units: str | None, valid_fraction: float, seed:
     speaker tokens. The VQ-VAE is ``vqvae`` or the checkpoint named in the sidecar (when it is
     still there). ``n_codes``: given, else the sidecar's, the VQ-VAE's, or the largest unit + 1.
     """
-    train, sidecar = _read(units)
+    train, sidecar = _read(units, n_codes)
     sidecars = [sidecar]
     if valid_units is not None:
-        valid, valid_sidecar = _read(valid_units)
+        valid, valid_sidecar = _read(valid_units, n_codes)
         sidecars.append(valid_sidecar)
         if overlap := set(train) & set(valid):
             log.warning("%d utterance(s) are in both %s and %s", len(overlap), units, valid_units)
@@ -298,9 +373,13 @@ def prior_data(units: str, valid_units: str | None, valid_fraction: float, seed:
     return PriorData(train, valid, speaker_of, speakers, int(codes), meta)
 
 
-def _read(path: str) -> tuple[Units, Sidecar]:
+def _read(path: str, n_codes: int | None) -> tuple[Units, Sidecar]:
+    """Frame-level units (int16 when the codebook fits it: half the memory) and the sidecar."""
     try:
-        return read_units(path, expand=True), read_sidecar(path) or Sidecar()
+        sidecar = read_sidecar(path) or Sidecar()
+        codes = n_codes or sidecar.n_codes
+        dtype = np.int16 if codes and codes <= np.iinfo(np.int16).max + 1 else np.int32
+        return read_units(path, expand=True, dtype=dtype), sidecar
     except (FileNotFoundError, ValueError) as err:
         raise PriorDataError(str(err)) from None
 

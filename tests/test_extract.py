@@ -315,3 +315,199 @@ def test_chunk_plan_tiles_and_keeps_context(n, chunk, context):
             assert stop - b >= context
         else:
             assert stop == n
+
+
+# ---------------------------------------------------------------- parts: what a crash loses
+
+
+def _common(corpus, *extra):
+    return [f"checkpoint={corpus['ckpt']}", f"data.manifest={corpus['manifest']}", *extra]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_parts_and_shards_give_the_bytes_of_one_pass(corpus, tmp_path, fmt):
+    """Units written part by part (and shard by shard, merged) are byte for byte those of one
+    uninterrupted pass, durations and dict.km.txt included."""
+    name = FORMATS[fmt]
+    whole, parts, shards = (tmp_path / d / name for d in ("whole", "parts", "shards"))
+    _run(_common(corpus, f"out={whole}", f"format={fmt}", "dedup=true", "part_seconds=null"))
+    _run(_common(corpus, f"out={parts}", f"format={fmt}", "dedup=true", "part_seconds=1.5"))
+    for i in range(2):
+        _run(_common(corpus, f"out={shards}", f"format={fmt}", "dedup=true", "part_seconds=1.5",
+                     f"shard={i}", "nshards=2"))
+    _run([f"out={shards}", "nshards=2", "merge=true", f"format={fmt}"])
+    for other in (parts, shards):
+        assert other.read_bytes() == whole.read_bytes()
+        assert U.durations_path(other).read_bytes() == U.durations_path(whole).read_bytes()
+        assert sorted(p.name for p in other.parent.iterdir() if ".part-" in p.name) == []
+    if fmt == "km":
+        assert (parts.parent / "dict.km.txt").read_bytes() == (
+            whole.parent / "dict.km.txt").read_bytes()
+    meta = json.loads(U.sidecar_path(parts).read_text())
+    assert meta["parts"]["parts"] >= 4 and meta["parts"]["resumed"] == 0
+    assert "parts" not in json.loads(U.sidecar_path(whole).read_text())
+
+
+def test_a_crash_loses_one_part_and_the_rerun_encodes_only_the_rest(corpus, tmp_path,
+                                                                     monkeypatch, caplog):
+    out, ref = tmp_path / "u.txt", tmp_path / "ref" / "u.txt"
+    args = _common(corpus, "format=kaldi", "dedup=true", "part_seconds=1.5")
+    _run([*args, f"out={ref}", "part_seconds=null"])
+    rows = read_manifest(corpus["manifest"])
+    plan = E.plan_parts(rows, 1.5, SR)
+    assert len(plan) >= 4 and [a for a, _ in plan[1:]] == [b for _, b in plan[:-1]]
+    write_part = E._write_part
+    written = []
+
+    def crash_after_two(path, wanted, result):
+        if len(written) == 2:
+            raise RuntimeError("killed")
+        write_part(path, wanted, result)
+        written.append(path)
+
+    monkeypatch.setattr(E, "_write_part", crash_after_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run([*args, f"out={out}"])
+    assert not out.exists() and sorted(p.name for p in tmp_path.glob("u.txt.part-*")) == [
+        "u.txt.part-00000.json", "u.txt.part-00000.npz",
+        "u.txt.part-00001.json", "u.txt.part-00001.npz"]
+    monkeypatch.setattr(E, "_write_part", write_part)
+    encoded = []
+    extract_units = E.extract_units
+
+    def counting(part_rows, *a, **kw):
+        encoded.extend(r.id for r in part_rows)
+        return extract_units(part_rows, *a, **kw)
+
+    monkeypatch.setattr(E, "extract_units", counting)
+    with caplog.at_level("INFO", logger="speechvq.extract"):
+        _run([*args, f"out={out}"])
+    assert encoded == [r.id for r in rows[plan[2][0]:]]  # parts 0 and 1 were not encoded again
+    assert "resuming: 2 of" in caplog.text
+    assert out.read_bytes() == ref.read_bytes()
+    assert U.durations_path(out).read_bytes() == U.durations_path(ref).read_bytes()
+    assert not list(tmp_path.glob("u.txt.part-*"))
+    meta, ref_meta = (json.loads(U.sidecar_path(p).read_text()) for p in (out, ref))
+    assert meta["counts"] == ref_meta["counts"] and meta["counts"]["utterances"] == 9
+    assert meta["rejected"] == ref_meta["rejected"] and len(meta["rejected"]) == 1
+    assert meta["parts"]["parts"] == len(plan) and meta["parts"]["resumed"] == 2
+
+
+def test_stale_parts_are_discarded(corpus, tmp_path, monkeypatch, caplog):
+    """Parts of another job (here dedup=false) are not used: logged, removed, all re-encoded."""
+    out = tmp_path / "u.txt"
+    write_part = E._write_part
+
+    def crash_after_one(path, wanted, result):
+        write_part(path, wanted, result)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(E, "_write_part", crash_after_one)
+    with pytest.raises(RuntimeError):
+        _run(_common(corpus, f"out={out}", "dedup=false", "part_seconds=1.5"))
+    monkeypatch.setattr(E, "_write_part", write_part)
+    encoded = []
+    extract_units = E.extract_units
+    monkeypatch.setattr(E, "extract_units", lambda r, *a, **k: (
+        encoded.extend(x.id for x in r), extract_units(r, *a, **k))[1])
+    with caplog.at_level("INFO", logger="speechvq.extract"):
+        _run(_common(corpus, f"out={out}", "dedup=true", "part_seconds=1.5"))
+    assert "part 0 is stale (made with another checkpoint, manifest, format" in caplog.text
+    assert "discarding 2 stale part file(s)" in caplog.text
+    assert len(encoded) == 10 and not list(tmp_path.glob("u.txt.part-*"))
+
+
+# ---------------------------------------------------------------- a split from its subsets
+
+
+def test_split_units_are_merged_from_the_subsets(corpus, tmp_path, capsys, caplog):
+    rows = read_manifest(corpus["manifest"])  # 10 rows, one of them unreadable ("broken")
+    # every speaker's statistics beside the manifests (as prepare writes them for LibriSpeech):
+    # a subset and a split normalise a speaker alike
+    compute_stats(corpus["rows"], corpus["features"], progress=False).save(tmp_path / "stats.json")
+    write_manifest(tmp_path / "a.tsv", rows[:5])
+    write_manifest(tmp_path / "b.tsv", rows[5:])
+    split = [rows[7], rows[1], rows[4], rows[9], rows[2]]
+    write_manifest(tmp_path / "split.tsv", split)
+    fmt = ["format=kaldi", "dedup=true"]
+    for name in ("a", "b", "direct"):
+        manifest = tmp_path / ("split.tsv" if name == "direct" else f"{name}.tsv")
+        _run([f"checkpoint={corpus['ckpt']}", f"data.manifest={manifest}",
+              f"out={tmp_path / name / 'u.txt'}", *fmt])
+    sources = f"from_units=[{tmp_path / 'a' / 'u.txt'},{tmp_path / 'b' / 'u.txt'}]"
+    out = tmp_path / "split" / "u.txt"
+    merge = [f"data.manifest={tmp_path / 'split.tsv'}", f"out={out}", sources, *fmt]
+    capsys.readouterr()
+    assert _run([*merge, f"checkpoint={corpus['ckpt']}"]) == 0
+    assert "merged 2 unit file(s)" in capsys.readouterr().out
+    direct = tmp_path / "direct" / "u.txt"
+    assert out.read_bytes() == direct.read_bytes()  # the same bytes as extracting the split
+    assert U.durations_path(out).read_bytes() == U.durations_path(direct).read_bytes()
+    meta, ref = (json.loads(U.sidecar_path(p).read_text()) for p in (out, direct))
+    assert meta["merged_from"] == [str(tmp_path / "a" / "u.txt"), str(tmp_path / "b" / "u.txt")]
+    assert meta["counts"]["utterances"] == ref["counts"]["utterances"] == 4
+    assert meta["counts"]["frames"] == ref["counts"]["frames"]
+    assert [r["id"] for r in meta["rejected"]] == ["broken"]  # rows[4], unreadable
+    assert meta["manifest_hash"] == ref["manifest_hash"] == file_hash(tmp_path / "split.tsv")
+    assert meta["checkpoint_hash"] == ref["checkpoint_hash"]
+    assert meta["units_hash"] == file_hash(out)
+    _run(merge)
+    assert "already done" in capsys.readouterr().out
+    side = json.loads(U.sidecar_path(tmp_path / "a" / "u.txt").read_text())
+    assert side["normalization"]["speakers_computed"] == 0
+    side["normalization"]["speakers_computed"] = 1  # as without a stats.json for every speaker
+    U.sidecar_path(tmp_path / "a" / "u.txt").write_text(json.dumps(side))
+    with caplog.at_level("WARNING", logger="speechvq.extract"):
+        _run([*merge, "force=true"])
+    assert "statistics were computed over its own manifest" in caplog.text
+    # another checkpoint's units, another format, a gap: refused, naming the problem
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"not these weights")
+    with pytest.raises(StageError, match="checkpoint_hash"):
+        _run([*merge, f"checkpoint={other}", "force=true"])
+    with pytest.raises(StageError, match="has format='kaldi', not 'gslm'"):
+        _run([f"data.manifest={tmp_path / 'split.tsv'}", f"out={tmp_path / 'g.txt'}", sources,
+              "format=gslm", "dedup=true"])
+    write_manifest(tmp_path / "more.tsv", [*split, ManifestRow("new-1", "/x.wav", 16000, "x")])
+    with pytest.raises(StageError, match=r"1 utterance\(s\) are in none of .*: new-1"):
+        _run([f"data.manifest={tmp_path / 'more.tsv'}", f"out={tmp_path / 'm.txt'}", sources,
+              *fmt])
+
+
+# ---------------------------------------------------------------- CUDA numerics
+
+
+def test_extraction_numerics_on_cuda_and_nothing_elsewhere():
+    """TF32 off, deterministic cuDNN, no autotuning inside; the settings before restored after
+    (flags only: no GPU needed)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+
+    def state():
+        tf32 = (matmul.fp32_precision, cudnn.conv.fp32_precision) if hasattr(
+            matmul, "fp32_precision") else (matmul.allow_tf32, cudnn.allow_tf32)
+        return (*tf32, cudnn.deterministic, cudnn.benchmark)
+
+    before = state()
+    try:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = cudnn.conv.fp32_precision = "tf32"
+            exact, fast = ("ieee", "ieee", True, False), ("tf32", "tf32", False, True)
+        else:
+            matmul.allow_tf32 = cudnn.allow_tf32 = True
+            exact, fast = (False, False, True, False), (True, True, False, True)
+        cudnn.deterministic, cudnn.benchmark = False, True
+        with E.extraction_numerics("cuda"):
+            assert state() == exact
+        assert state() == fast
+        with E.extraction_numerics("cpu"):
+            assert state() == fast
+        with pytest.raises(RuntimeError), E.extraction_numerics(torch.device("cuda", 0)):
+            assert state() == exact
+            raise RuntimeError("a failed extraction restores them too")
+        assert state() == fast
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision, cudnn.conv.fp32_precision = before[:2]
+        else:
+            matmul.allow_tf32, cudnn.allow_tf32 = before[:2]
+        cudnn.deterministic, cudnn.benchmark = before[2:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 from speechvq.checkpoint import load_checkpoint
 from speechvq.data.manifest import ManifestRow, write_manifest
 from speechvq.prior import (
+    UnitSequences,
+    flat_sequences,
     load_prior,
     ngram_perplexities,
     prior_data,
@@ -22,10 +26,11 @@ from speechvq.prior import (
     sample_units,
     split_ids,
     unit_perplexity,
+    windows,
 )
 from speechvq.tasks import PriorTask
 from speechvq.training import fit
-from speechvq.units import write_sidecar, write_units
+from speechvq.units import read_units, write_sidecar, write_units
 
 BIN = Path(sys.executable).parent
 SPEAKERS = ["alice", "bob"]
@@ -179,3 +184,68 @@ def test_sample_units_seeded_prompted_and_in_codebook(tmp_path, tiny_prior):
     prompt = torch.tensor([5, 5, 7, 9])
     b = sample_units(prior, 2, 10, speaker=0, prompt=prompt, seed=0)
     assert torch.equal(b[:, :4], prompt.expand(2, -1))
+
+
+# ---------------------------------------------------------------- the prior's data at scale
+
+
+def _former_items(sequences, leads, max_units, crop, seed, epoch):
+    """What UnitSequences gave before it held one compact array: the reference."""
+    items = []
+    for seq, lead in zip(sequences, leads, strict=True):
+        seq = np.asarray(seq, dtype=np.int64)
+        if seq.size:
+            items.extend((p, lead) for p in ([seq] if crop else windows(seq, max_units)))
+    out = []
+    for index, (seq, lead) in enumerate(items):
+        if crop and len(seq) > max_units:
+            rng = np.random.default_rng((seed, epoch, index))
+            start = int(rng.integers(0, len(seq) - max_units + 1))
+            seq = seq[start : start + max_units]
+        out.append(np.concatenate([[lead], seq]))
+    return out
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_unit_sequences_hold_one_compact_array_and_give_the_same_items(tmp_path, crop):
+    rng = np.random.default_rng(0)
+    units = {f"u{i:03d}": rng.integers(0, 500, size=int(rng.integers(0, 90))) for i in range(40)}
+    write_units(tmp_path / "u.txt", units, "kaldi", dedup=True)
+    read = read_units(tmp_path / "u.txt", expand=True, dtype=np.int16)  # as prior_data reads
+    ids = sorted(read)
+    leads = [600 + i % 3 for i in range(len(ids))]
+    data = UnitSequences([read[i] for i in ids], leads, 32, crop=crop, seed=5)
+    flat = next(iter(read.values())).base
+    assert data.units is flat  # used in place: no copy of the units at all
+    assert data.nbytes == flat.nbytes + 3 * 8 * len(data)  # + start, length, lead per item
+    data.set_epoch(3)
+    expected = _former_items([units[i] for i in ids], leads, 32, crop, 5, 3)
+    assert len(data) == len(expected)
+    for index, tokens in enumerate(expected):
+        item = data[index]
+        assert item["idx"].dtype == torch.long and item["targets"].dtype == torch.long
+        assert item["idx"].tolist() == tokens[:-1].tolist()
+        assert item["targets"].tolist() == tokens[1:].tolist()
+    # plain int64 lists: one compact int16 copy
+    copied = UnitSequences([np.asarray(units[i]) for i in ids], leads, 32, crop=crop, seed=5)
+    assert copied.units.dtype == np.int16 and copied.units.base is None
+    assert copied.units.size == sum(len(u) for u in units.values())
+    copied.set_epoch(3)
+    assert all(torch.equal(copied[i]["idx"], data[i]["idx"]) for i in range(len(data)))
+    wide = flat_sequences([np.array([1, 70000]), np.array([], dtype=np.int64)])
+    assert wide[0].dtype == np.int32 and wide[2].tolist() == [2, 0]
+
+
+def test_bench_units_io_runs(tmp_path):
+    """benchmarks/bench_units_io.py end to end on a tiny file (the README's figures come from
+    its default size)."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_units_io.py"
+    proc = subprocess.run([sys.executable, str(bench), "--million", "0.02", "--in-process",
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert sum("173 M units" in line for line in lines) == 2  # gslm and kaldi, extrapolated
+    for mode in ("parse-old", "parse-int32", "parse-int16", "prior-old", "prior-new"):
+        assert sum(line.strip().startswith(mode) for line in lines) == 2
+    assert not list(tmp_path.iterdir())  # its files are gone

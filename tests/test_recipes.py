@@ -259,3 +259,92 @@ def test_mini_recipe_runs_to_the_listening_pages(tmp_path):
     assert (tmp_path / "exp" / "samples" / "index.html").is_file()
     assert (tmp_path / "exp" / "resynth" / "index.html").is_file()
     assert "listening pages: exp/samples/index.html and exp/resynth/index.html" in out.stderr
+
+
+# --- egs/librispeech/run.sh with logging stand-ins for the speechvq-* commands -----------------
+
+
+def _stub_env(folder: Path, *names: str) -> tuple[dict[str, str], Path]:
+    """``names`` as logging stand-ins (one line per call: name and arguments), first on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "calls.log"
+    for name in names:
+        stub = folder / name
+        stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n')
+        stub.chmod(0o755)
+    env = _env()
+    env["PATH"] = f"{folder}{os.pathsep}{env['PATH']}"
+    return env, log
+
+
+def _manifests(work: Path, **splits: list[str]) -> None:
+    from speechvq.data.manifest import ManifestRow, write_manifest
+
+    for name, ids in splits.items():
+        write_manifest(work / "data" / "manifests" / f"{name}.tsv",
+                       [ManifestRow(i, f"/audio/{i}.flac", 16000, i.split("-")[0]) for i in ids])
+
+
+def test_librispeech_stage2_encodes_each_subset_once_and_merges_splits(tmp_path):
+    """Subsets a and b, train = a + b, valid = b: a and b are extracted once each, train is
+    merged from their unit files (not extracted again), valid is b's file itself."""
+    work = tmp_path / "work"
+    a, b = ["1-1-0", "1-1-1"], ["2-1-0", "3-1-0"]
+    _manifests(work, a=a, b=b, train=a + b, valid=b)
+    env, log = _stub_env(tmp_path / "bin", "speechvq-extract")
+    cmd = [str(RUN), "--stage", "2", "--stop-stage", "2", "--subsets", "a b", "--exp-dir", "exp"]
+    out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = log.read_text().splitlines()
+    encoded = [c for c in calls if "from_units=" not in c]
+    merged = [c for c in calls if "from_units=" in c]
+    assert [c.split("data.manifest=")[1].split()[0] for c in encoded] == [
+        "data/manifests/a.tsv", "data/manifests/b.tsv"]  # each subset once
+    assert all("checkpoint=exp/checkpoints/best.pt" in c for c in calls)
+    assert len(merged) == 1 and "data.manifest=data/manifests/train.tsv out=exp/units/train.txt" in \
+        merged[0] and "from_units=['exp/units/a.txt','exp/units/b.txt']" in merged[0]
+    assert not any("valid" in c for c in calls)  # valid is subset b: its units are b's file
+    again = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stderr.count("done, skipping") == 3
+    assert log.read_text().splitlines() == calls  # nothing ran again
+
+
+def test_librispeech_stage4_gets_the_trainer_and_the_launch(tmp_path):
+    """--trainer gpu, --nproc and --nnodes reach the prior's training as they reach the VQ-VAE's."""
+    work = tmp_path / "work"
+    a = ["1-1-0", "1-1-1"]
+    _manifests(work, a=a, train=a, manifest=a)
+    env, log = _stub_env(tmp_path / "bin", "speechvq-train-prior", "torchrun")
+    prior = tmp_path / "bin" / "speechvq-train-prior"
+    base = [str(RUN), "--stage", "4", "--stop-stage", "4", "--subsets", "a", "--exp-dir", "exp"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], cwd=work, env=env, capture_output=True, text=True)
+
+    out = run("--nproc", "2", "prior:trainer.max_steps=9")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (call,) = log.read_text().splitlines()
+    assert call.startswith(f"torchrun --standalone --nproc_per_node=2 {prior} units=exp/units/a.txt")
+    assert call.endswith("resume=auto trainer=gpu trainer.max_steps=9")  # the default --trainer
+    (work / "exp" / "prior" / ".done.prior").unlink()
+    log.unlink()
+    out = run("--nproc", "8", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "n1:29500",
+              "--rdzv-id", "job7", "--trainer", "default")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (call,) = log.read_text().splitlines()
+    assert call.startswith("torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d "
+                           f"--rdzv-endpoint=n1:29500 --rdzv-id=job7 --node-rank=1 {prior} ")
+    assert call.endswith("trainer=default")
+    refused = run("--nnodes", "2", "--rdzv-endpoint", "n1:29500", "--stage", "1")
+    assert refused.returncode == 1 and "run stage 2 on one node" in refused.stderr
+
+
+def test_prior_trainer_groups_follow_the_trainer(compose_cfg):
+    """trainer=gpu gives the prior GPU-sized batches; the default keeps the prior's recipe."""
+    default = compose_cfg("train_prior", ["units=u", "out_dir=o"]).trainer
+    gpu = compose_cfg("train_prior", ["units=u", "out_dir=o", "trainer=gpu"]).trainer
+    mine = compose_cfg("train_prior", ["units=u", "out_dir=o", "trainer=gpu",
+                                       "trainer.batch_size=8"]).trainer
+    assert (default.batch_size, default.lr, default.betas) == (16, 3e-4, [0.9, 0.95])
+    assert (gpu.batch_size, gpu.lr, gpu.betas, gpu.max_steps) == (64, 6e-4, [0.9, 0.95], 20000)
+    assert gpu.num_workers == 0 and mine.batch_size == 8

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from speechvq import unit_merge as M
 from speechvq import units as U
 
 FORMATS = ["gslm", "kaldi", "npy", "espnet", "km"]
@@ -249,7 +250,7 @@ def test_merge_shards(tmp_path, fmt, dedup):
         if fmt == "km":
             meta["ids"] = block
         U.write_sidecar(shard, meta)
-    merged = U.merge_shards(out, 3, remove=True)
+    merged = M.merge_shards(out, 3, remove=True)
     assert _same(U.read_units(out, expand=True), units)
     if fmt in ("gslm", "npy", "km"):
         assert list(U.read_units(out)) == ids  # shard order = manifest order
@@ -265,9 +266,9 @@ def test_merge_refuses_mismatched_or_missing_shards(tmp_path):
         U.write_units(U.shard_path(out, i, 2), {f"x{i}": np.array([i])}, "gslm")
         U.write_sidecar(U.shard_path(out, i, 2), {"format": "gslm", "checkpoint_hash": h})
     with pytest.raises(ValueError, match="checkpoint_hash"):
-        U.merge_shards(out, 2)
+        M.merge_shards(out, 2)
     with pytest.raises(FileNotFoundError, match="shard-2-of-3"):
-        U.merge_shards(out, 3)
+        M.merge_shards(out, 3)
 
 
 # ------------------------------------------------------------------------------- ASR recipes
@@ -306,3 +307,95 @@ def test_sidecar_fields_and_the_former_frame_rate_key(tmp_path):
     U.write_sidecar(tmp_path / "u.txt", meta)
     written = json.loads(U.sidecar_path(tmp_path / "u.txt").read_text())
     assert written["unit_rate"] == 50.0 and "frame_rate" not in written and written["mine"] == 1
+
+
+# ------------------------------------------------------------------------------- splits
+
+
+def _subset(tmp_path, name, units, fmt, dedup, **meta):
+    path = tmp_path / f"{name}{SUFFIX[fmt]}"
+    U.write_units(path, units, fmt, dedup=dedup)
+    U.write_sidecar(path, {"format": fmt, "dedup": dedup, "checkpoint_hash": "abc",
+                           "unit_rate": 50.0, "n_codes": 512, "ids": list(units), **meta})
+    return path
+
+
+@pytest.mark.parametrize("fmt,dedup", [("gslm", True), ("kaldi", True), ("npy", True),
+                                       ("espnet", False), ("km", False)])
+def test_merge_units_builds_a_split_from_its_subsets(tmp_path, fmt, dedup):
+    units = _corpus(seed=4)
+    ids = list(units)
+    a = _subset(tmp_path, "a", {k: units[k] for k in ids[:4]}, fmt, dedup,
+                rejected=[{"id": "bad-a", "path": "x", "reason": "y"},
+                          {"id": "other", "path": "x", "reason": "y"}])
+    b = _subset(tmp_path, "b", {k: units[k] for k in ids[4:]}, fmt, dedup)
+    split = [ids[5], ids[0], "bad-a", ids[6], ids[2]]  # the split manifest's order, across subsets
+    out = tmp_path / f"split{SUFFIX[fmt]}"
+    meta = M.merge_units(out, [a, b], split)
+    back = U.read_units(out, expand=True)
+    assert _same(back, {k: units[k] for k in split if k != "bad-a"})
+    wanted = [k for k in split if k != "bad-a"]
+    assert list(U.read_units(out)) == (sorted(wanted, key=str.encode)
+                                       if fmt in ("kaldi", "espnet") else wanted)
+    assert U.durations_path(out).exists() == dedup
+    frames = sum(len(units[k]) for k in wanted)
+    assert meta.counts == {"utterances": 4, "frames": frames, "seconds": frames / 50.0,
+                           "rejected": 1}
+    assert [r["id"] for r in meta.rejected] == ["bad-a"]  # the split's, not the subsets' others
+    assert meta.merged_from == [str(a), str(b)] and meta.checkpoint_hash == "abc"
+    assert U.read_sidecar(out).merged_from == [str(a), str(b)]
+    only_b = M.merge_units(tmp_path / f"b_only{SUFFIX[fmt]}", [a, b], [ids[5]])
+    assert only_b.merged_from == [str(b)]  # sources that gave no utterance are not named
+
+
+def test_merge_units_refuses_gaps_and_mismatches(tmp_path):
+    units = _corpus(seed=5)
+    ids = list(units)
+    a = _subset(tmp_path, "a", {k: units[k] for k in ids[:3]}, "gslm", False)
+    b = _subset(tmp_path, "b", {k: units[k] for k in ids[3:]}, "gslm", False)
+    with pytest.raises(ValueError, match=r"2 utterance\(s\) are in none of .*: nope-1, nope-2"):
+        M.merge_units(tmp_path / "s.txt", [a, b], [ids[0], "nope-1", "nope-2"])
+    other = _subset(tmp_path, "other", {"zz": np.array([1])}, "gslm", False,
+                    checkpoint_hash="def")
+    with pytest.raises(ValueError, match="checkpoint_hash='def'"):
+        M.merge_units(tmp_path / "s.txt", [a, other], [ids[0]])
+    kaldi = _subset(tmp_path, "k", {"zz": np.array([1])}, "kaldi", False)
+    with pytest.raises(ValueError, match="format='kaldi'"):
+        M.merge_units(tmp_path / "s.txt", [a, kaldi], [ids[0]])
+    twice = _subset(tmp_path, "twice", {ids[0]: units[ids[0]]}, "gslm", False)
+    with pytest.raises(ValueError, match=f"id '{ids[0]}' is in both"):
+        M.merge_units(tmp_path / "s.txt", [a, twice], [ids[0]])
+    with pytest.raises(FileNotFoundError, match="missing unit file"):
+        M.merge_units(tmp_path / "s.txt", [a, tmp_path / "gone.txt"], [ids[0]])
+    assert not (tmp_path / "s.txt").exists()
+
+
+# ------------------------------------------------------------------------------- reading fast
+
+
+def test_reading_gives_views_into_one_array_of_the_dtype_asked(tmp_path):
+    units = _corpus(seed=6)
+    for fmt in ("gslm", "kaldi", "espnet", "npy"):
+        path = _write(tmp_path, units, fmt, dedup=True)
+        for dtype in (np.int32, np.int16):
+            back = U.read_units(path, expand=True, dtype=dtype)
+            assert _same(back, units)
+            arrays = [a for a in back.values() if a.size]
+            assert {a.dtype for a in arrays} == {np.dtype(dtype)}
+            assert len({id(a.base) for a in arrays}) == 1  # one allocation for the file
+            assert sum(a.size for a in arrays) <= arrays[0].base.size
+
+
+def test_reading_checks_what_numpy_would_let_through(tmp_path):
+    path = tmp_path / "u.txt"
+    path.write_text("a|1 2\nb| \nc|40000 1\n")  # numpy reads " " as [0] and wraps 40000 in int16
+    back = U.read_units(path, "gslm")
+    assert back["a"].tolist() == [1, 2] and back["b"].tolist() == [] and back["c"][0] == 40000
+    with pytest.raises(ValueError, match=r"u.txt:3: unit 40000 does not fit int16"):
+        U.read_units(path, "gslm", dtype=np.int16)
+    path.write_text("a 1 2\nb 3 x 4\n")
+    with pytest.raises(ValueError, match=r"u.txt:2: expected integer units, got '3 x 4'"):
+        U.read_units(path, "kaldi")
+    path.write_text("a 1 2\nb 3 99999999999\n")  # would wrap silently in int32
+    with pytest.raises(ValueError, match=r"u.txt:2: unit 99999999999 does not fit int32"):
+        U.read_units(path, "kaldi")
