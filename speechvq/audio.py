@@ -138,6 +138,58 @@ def load_audio(path: PathLike, sample_rate: int = 16000, min_seconds: float = 0.
     return _load(path, sample_rate, min_seconds)[0]
 
 
+# Formats whose decoders give the same samples for a window as for the whole file: a window read of
+# these decodes only the window; any other file (lossy codecs, other sample rates) is decoded whole.
+WINDOW_FORMATS = frozenset({"WAV", "WAVEX", "W64", "RF64", "FLAC", "AIFF", "CAF"})
+
+
+def read_window(path: PathLike, start: int, frames: int, sample_rate: int = 16000,
+                num_samples: int | None = None) -> torch.Tensor:
+    """Samples ``[start, start + frames)`` of ``path`` exactly as ``load_audio(path)`` gives them,
+    mono float32 at ``sample_rate``: ``wav: (frames,)`` (fewer only at the end of the file).
+
+    A lossless file stored at ``sample_rate`` (:data:`WINDOW_FORMATS`) has only that window
+    decoded (what a training crop costs); anything else is decoded whole and cut. ``num_samples``:
+    the length the manifest recorded; a file of another length raises :class:`AudioError` (it
+    changed since ``speechvq-prepare``), as do the errors of :func:`load_audio`.
+    """
+    try:
+        with sf.SoundFile(path) as f:
+            whole = f.samplerate != sample_rate or f.format not in WINDOW_FORMATS
+            if not whole:
+                length = f.frames
+                if num_samples is not None and length != num_samples:
+                    raise AudioError(path, f"has {length} samples, the manifest says "
+                                           f"{num_samples}: re-run speechvq-prepare")
+                f.seek(min(start, length))
+                data = f.read(max(0, min(frames, length - start)), dtype="float32",
+                              always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as err:
+        return _window_of_whole(path, start, frames, sample_rate, num_samples, err)
+    if whole:
+        return _window_of_whole(path, start, frames, sample_rate, num_samples)
+    if data.shape[0] < min(frames, length - start):
+        raise AudioError(path, f"truncated: decoded {data.shape[0]} samples of its window at "
+                               f"{start}")
+    if not np.isfinite(data).all():
+        raise AudioError(path, "contains NaN or Inf samples")
+    if data.shape[1] > 1:
+        data = data.mean(axis=1, keepdims=True)  # as _load averages channels, sample by sample
+    return torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+
+
+def _window_of_whole(path: PathLike, start: int, frames: int, sample_rate: int,
+                     num_samples: int | None, err: Exception | None = None) -> torch.Tensor:
+    """The window cut from the whole decoded file (errors: those of :func:`load_audio`)."""
+    wav = load_audio(path, sample_rate)
+    if err is not None:  # the window could not be read but the whole file could: say why
+        raise AudioError(path, f"cannot read a window of it: {err}")
+    if num_samples is not None and wav.numel() != num_samples:
+        raise AudioError(path, f"has {wav.numel()} samples, the manifest says {num_samples}: "
+                               "re-run speechvq-prepare")
+    return wav[start : start + frames].clone()
+
+
 def inspect_audio(path: PathLike, sample_rate: int = 16000, min_seconds: float = 0.0) -> AudioInfo:
     """Fully decode ``path`` as :func:`load_audio` does and describe it (same errors).
 

@@ -4,13 +4,12 @@ Every stage (prepare, training, extraction, resynthesis) builds its front-end wi
 :func:`build_logmel` from the ``features`` config (``conf/features/logmel.yaml``), and the statistics
 written by ``speechvq-prepare`` (``stats.json``) carry that same config so a mismatch is caught.
 
-The statistics themselves (:class:`speechvq.stats.FeatureStats`, ``stats.json``) live in
-:mod:`speechvq.stats`; where they come from (:func:`compute_stats`, :func:`stats_for_rows`) is
-decided here.
-
-Framing convention: the waveform is pre-emphasised, reflect-padded by ``(n_fft - hop) // 2``
-samples on each side and framed with ``center=False``, so mel frame ``k`` is centred at
-``(k + 0.5) * hop / sample_rate`` seconds and ``num_frames(T) == T // hop``.
+The statistics themselves (:class:`speechvq.stats.FeatureStats`, ``stats.json``; the
+per-utterance :class:`speechvq.stats.StateStore`, ``frontend_state.npz``) live in
+:mod:`speechvq.stats`; where they come from (:func:`compute_stats`, :func:`stats_for_rows`,
+:func:`measure_states`, :func:`states_for_rows`) is decided here. The spectrogram itself
+(:class:`LogMel`, its framing convention: frame ``k`` centred at ``(k + 0.5) * hop`` samples,
+``T // hop`` frames) is :mod:`speechvq.nn.logmel`.
 """
 
 from __future__ import annotations
@@ -25,22 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-import torchaudio
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from speechvq.audio import AudioError, load_audio
+from speechvq.nn.logmel import LogMel as LogMel  # re-exported: the public home of mel features
+from speechvq.nn.logmel import chunked_mel_power
+from speechvq.nn.logmel import mel_centres as mel_centres
 from speechvq.pitch import F0_MAX, F0_MIN, PITCH_CHANNELS, f0_track, pitch_features
 from speechvq.stats import FRONTEND_VERSION as FRONTEND_VERSION  # stamped on the statistics
 from speechvq.stats import (
+    STATE_FILE,
     STD_FLOOR,
     Z_MAX,
     FeatureStats,
     Moments,
+    StateStore,
+    UtteranceState,
     _Accumulator,
     _check_mode,
+    pitch_key,
 )
 from speechvq.stats import plain_dict as _plain
 
@@ -60,97 +65,6 @@ LEVEL_QUANTILE = 0.5
 ACTIVE_DB = 40.0
 
 
-class LogMel(nn.Module):
-    """Waveform to log-mel spectrogram: ``(T,) -> (n_mels, F)`` or ``(B, T) -> (B, n_mels, F)``.
-
-    Keyword arguments are the keys of ``conf/features/logmel.yaml`` (except ``normalize``); build it
-    with :func:`build_logmel` rather than spelling the values out. ``F = T // hop_length``.
-    """
-
-    def __init__(
-        self,
-        sample_rate: int,
-        n_fft: int,
-        win_length: int,
-        hop_length: int,
-        n_mels: int,
-        f_min: float,
-        f_max: float,
-        preemphasis: float,
-        log_floor: float,
-        power: float = 2.0,
-    ) -> None:
-        super().__init__()
-        if win_length > n_fft:
-            raise ValueError(f"win_length {win_length} > n_fft {n_fft}")
-        if hop_length > n_fft:
-            raise ValueError(f"hop_length {hop_length} > n_fft {n_fft}")
-        self.sample_rate = int(sample_rate)
-        self.n_fft = int(n_fft)
-        self.win_length = int(win_length)
-        self.hop_length = int(hop_length)
-        self.n_mels = int(n_mels)
-        self.f_min = float(f_min)
-        self.f_max = float(f_max)
-        self.preemphasis = float(preemphasis)
-        self.log_floor = float(log_floor)
-        self.power = float(power)
-        # Padding (n_fft - hop) in total makes the frame count exactly T // hop and puts frame k's
-        # centre at (k + 0.5) * hop, so mel frames and 50 Hz units line up by construction.
-        total_pad = self.n_fft - self.hop_length
-        self.pad_left = total_pad // 2
-        self.pad_right = total_pad - self.pad_left
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=self.sample_rate,
-            n_fft=self.n_fft,
-            win_length=self.win_length,
-            hop_length=self.hop_length,
-            f_min=self.f_min,
-            f_max=self.f_max,
-            n_mels=self.n_mels,
-            power=self.power,
-            center=False,
-        )
-
-    @property
-    def frame_rate(self) -> float:
-        """Mel frames per second (100.0 for a 160-sample hop at 16 kHz)."""
-        return self.sample_rate / self.hop_length
-
-    @property
-    def filterbank(self) -> Tensor:
-        """The mel filterbank, ``(n_fft // 2 + 1, n_mels)`` (for inverting to a linear spectrum)."""
-        return self.mel.mel_scale.fb
-
-    def num_frames(self, num_samples: int) -> int:
-        """Number of mel frames for ``num_samples`` samples: ``num_samples // hop_length``."""
-        return int(num_samples) // self.hop_length
-
-    def mel_power(self, wav: Tensor) -> Tensor:
-        """``wav: (T,)`` or ``(B, T)`` -> mel power ``(n_mels, F)`` or ``(B, n_mels, F)``, float32,
-        before the log (what :class:`FrontEnd` measures levels on)."""
-        if wav.dim() not in (1, 2):
-            raise ValueError(f"LogMel expects (T,) or (B, T) audio, got shape {tuple(wav.shape)}")
-        batch_shape = wav.shape[:-1]
-        x = wav.reshape(-1, 1, wav.shape[-1]).float()
-        n_frames = self.num_frames(x.shape[-1])
-        if n_frames == 0:
-            return x.new_zeros(*batch_shape, self.n_mels, 0)
-        # Features are always fp32, whatever autocast the caller runs under.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.preemphasis:
-                x = torch.cat([x[..., :1], x[..., 1:] - self.preemphasis * x[..., :-1]], dim=-1)
-            x = F.pad(x, (self.pad_left, self.pad_right), mode="reflect")
-            mel = self.mel(x[:, 0])
-        return mel.reshape(*batch_shape, self.n_mels, mel.shape[-1])
-
-    def forward(self, wav: Tensor) -> Tensor:
-        """``wav: (T,)`` or ``(B, T)`` -> log-mels ``(n_mels, F)`` or ``(B, n_mels, F)``, float32:
-        ``log(clamp(mel_power, log_floor))`` (absolute level; see :class:`FrontEnd` for the
-        level-independent model input)."""
-        return torch.log(torch.clamp(self.mel_power(wav), min=self.log_floor))
-
-
 def build_logmel(features_cfg: Mapping) -> LogMel:
     """Build :class:`LogMel` from the ``features`` config; keys LogMel does not take are ignored."""
     cfg = _plain(features_cfg)
@@ -168,18 +82,6 @@ def build_logmel(features_cfg: Mapping) -> LogMel:
 
 # ------------------------------------------------------------------------------------------------
 # The one front-end: waveform (+ speaker) -> model input, for training, extraction and synthesis
-
-
-@dataclass
-class UtteranceState:
-    """What the front-end measures on a whole utterance, so that a training crop of it is made
-    exactly as the whole utterance is at extraction: its DC offset, its level (mel power of its
-    loud frames) and, for ``normalize=utterance``, its own per-bin moments (relative log-mels)."""
-
-    dc: float
-    ref: float
-    moments: Moments | None = None
-    pitch: Tensor | None = None  # (2, F) the whole utterance's pitch condition, once measured
 
 
 class FrontEnd:
@@ -250,29 +152,44 @@ class FrontEnd:
         floor = ref * 10.0 ** (-self.range_db / 10.0)
         return torch.log(torch.clamp(power, min=floor)) - math.log(ref)
 
-    def measure(self, wav: Tensor, num_samples: int | None = None) -> UtteranceState:
-        """The state of a whole utterance ``wav (T,)`` (its first ``num_samples`` samples)."""
+    def measure(self, wav: Tensor, num_samples: int | None = None,
+                moments: bool | None = None) -> UtteranceState:
+        """The state of a whole utterance ``wav (T,)`` (its first ``num_samples`` samples).
+        ``moments``: measure its own per-bin moments (default: when this front-end's
+        normalisation may use them)."""
         wav = wav[:num_samples] if num_samples is not None else wav
         dc = float(wav.double().mean()) if wav.numel() else 0.0
         power = self.mel_power(wav, dc)
         ref = level_reference(power)
-        moments = None
-        if self.mode == "utterance" or (self.mode == "speaker" and self.stats is not None):
-            moments = _frame_moments(self.log_mels(power, ref)[:, active_frames(power, ref)])
-        return UtteranceState(dc, ref, moments)
+        if moments is None:
+            moments = self.mode == "utterance" or (self.mode == "speaker" and self.stats is not None)
+        own = None
+        if moments:
+            own = _frame_moments(self.log_mels(power, ref)[:, active_frames(power, ref)])
+        return UtteranceState(dc, ref, own)
 
-    def pitch(self, wav: Tensor, num_samples: int | None = None, f0_min: float = F0_MIN,
-              f0_max: float = F0_MAX) -> Tensor:
-        """The decoder's pitch condition of a whole utterance ``wav (T,)``: ``(2, T // hop)``,
-        standardised log-F0 and voicing (:func:`speechvq.pitch.pitch_features`) at the mel
-        frames; DC removed first, frames past ``num_samples`` zero."""
+    def f0(self, wav: Tensor, num_samples: int | None = None, f0_min: float = F0_MIN,
+           f0_max: float = F0_MAX) -> Tensor:
+        """F0 (Hz, 0 unvoiced) of a whole utterance ``wav (T,)`` at its mel frames,
+        ``(num_samples // hop,)`` float32: DC removed first (:func:`speechvq.pitch.f0_track`)."""
         n = wav.numel() if num_samples is None else int(num_samples)
         x = wav[:n].double()
         x = x - x.mean() if n else x
-        f0 = f0_track(x, self.sample_rate, self.logmel.hop_length, f0_min, f0_max)
-        out = torch.zeros(PITCH_CHANNELS, self.num_frames(wav.numel()))
+        return f0_track(x, self.sample_rate, self.logmel.hop_length, f0_min, f0_max)
+
+    def pitch_condition(self, f0: Tensor, num_samples: int) -> Tensor:
+        """An utterance's F0 track ``(F0,)`` -> the decoder's pitch condition
+        ``(2, num_samples // hop)``: standardised log-F0 and voicing
+        (:func:`speechvq.pitch.pitch_features`), frames past the track zero."""
+        out = torch.zeros(PITCH_CHANNELS, self.num_frames(num_samples))
         out[:, : f0.shape[0]] = pitch_features(f0)
         return out
+
+    def pitch(self, wav: Tensor, num_samples: int | None = None, f0_min: float = F0_MIN,
+              f0_max: float = F0_MAX) -> Tensor:
+        """The decoder's pitch condition of a whole utterance ``wav (T,)``: ``(2, T // hop)``
+        (:meth:`f0` of its first ``num_samples`` samples through :meth:`pitch_condition`)."""
+        return self.pitch_condition(self.f0(wav, num_samples, f0_min, f0_max), wav.numel())
 
     def features_of(self, wav: Tensor, state: UtteranceState | None = None) -> Tensor:
         """Un-normalised log-mels ``(n_mels, T // hop)`` of ``wav`` (a whole utterance, or a crop
@@ -330,6 +247,35 @@ class FrontEnd:
         out = feats.reshape(len(ms), *feats.shape[-2:]) * std + mean
         return out.reshape(feats.shape)
 
+    def norm_of(self, speaker: str | None, state: UtteranceState | None = None
+                ) -> tuple[Tensor, Tensor] | None:
+        """The mean and (floored) std ``(n_mels,)`` each that :meth:`normalize` applies to
+        ``speaker``'s utterance of ``state``, or None when nothing is applied (``none``)."""
+        m = self._moments_for(speaker, state)
+        return None if m is None else (m.mean, m.std.clamp_min(STD_FLOOR))
+
+    def batch(self, wav: Tensor, dc: Tensor, ref: Tensor, num_samples: Tensor,
+              mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+        """Crops ``wav (B, T)`` -> normalised model input ``(B, n_mels, T // hop)`` in one batched
+        pass on ``wav``'s device: what ``self(wav[b], speaker, state, num_samples[b])`` gives for
+        each crop (to float rounding), from its utterance's ``dc``, ``ref`` ``(B,)`` and the
+        moments of :meth:`norm_of` stacked, ``mean``, ``std`` ``(B, n_mels)`` (None: ``none``).
+        For training on an accelerator, where the loader then only decodes the crops."""
+        with torch.no_grad():
+            power = self.logmel.mel_power(wav.float() - dc.float()[:, None])
+            if self.level == "absolute":
+                feats = torch.log(torch.clamp(power, min=self.logmel.log_floor))
+            else:
+                ref = ref.double()[:, None, None]
+                floor = (ref * 10.0 ** (-self.range_db / 10.0)).float()
+                feats = torch.log(torch.maximum(power, floor)) - torch.log(ref).float()
+            if mean is not None:
+                feats = ((feats - mean.float()[:, :, None]) / std.float()[:, :, None])
+                feats = feats.clamp(-Z_MAX, Z_MAX)
+            frames = torch.arange(feats.shape[-1], device=feats.device)
+            padded = frames[None, :] >= (num_samples.to(feats.device) // self.logmel.hop_length)[:, None]
+            return feats.masked_fill(padded[:, None, :], 0.0)
+
     def __call__(self, wav: Tensor, speaker: str | None, state: UtteranceState | None = None,
                  num_samples: int | None = None) -> Tensor:
         """``wav (T,)`` -> normalised model input ``(n_mels, T // hop)``. ``state``: the whole
@@ -373,89 +319,6 @@ def _frame_moments(feats: Tensor) -> Moments:
     x = feats.double()
     return Moments(x.mean(-1).float(), x.std(-1, unbiased=False).clamp_min(STD_FLOOR).float(),
                    int(x.shape[-1]))
-
-
-def chunked_mel_power(logmel: LogMel, wav: Tensor, chunk_frames: int) -> Tensor:
-    """``logmel.mel_power(wav)`` for a long ``wav: (T,)`` computed in pieces of ``chunk_frames``
-    frames: ``(n_mels, T // hop)``, the same frames as one call (STFT memory stays bounded).
-
-    Each piece is computed over extra samples on both sides, so a kept frame's window never
-    touches a piece border (reflect padding, pre-emphasis); frames at the real ends of ``wav``
-    are computed from the real ends, as in one call.
-    """
-    hop = logmel.hop_length
-    n_frames = wav.shape[-1] // hop
-    if n_frames <= chunk_frames:
-        return logmel.mel_power(wav)
-    margin = math.ceil(logmel.n_fft / hop) + 1
-    out = torch.empty(logmel.n_mels, n_frames)
-    for f0 in range(0, n_frames, chunk_frames):
-        f1 = min(n_frames, f0 + chunk_frames)
-        a, b = max(0, f0 - margin), min(n_frames, f1 + margin)
-        piece = wav[a * hop : (wav.shape[-1] if b == n_frames else b * hop)]
-        out[:, f0:f1] = logmel.mel_power(piece)[:, f0 - a : f1 - a]
-    return out
-
-
-def mel_centres(logmel: LogMel) -> Tensor:
-    """Centre frequency (Hz) of each mel bin of ``logmel``, ``(n_mels,)``."""
-    fb = logmel.filterbank  # (n_fft // 2 + 1, n_mels)
-    return fb.argmax(0).double() * logmel.sample_rate / logmel.n_fft
-
-
-def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: float = 0.0,
-                 min_bins: int = 0, mask: float = 0.0, mask_span: int = 5,
-                 generator: torch.Generator | None = None) -> Tensor:
-    """Speaker- and channel-like perturbations of normalised log-mels ``(B, n_mels, F)`` (same
-    shape back), for the encoder's input while the decoder reconstructs the clean features.
-
-    ``warp``: each utterance's mel axis is stretched by a factor drawn from ``[1 - warp, 1 + warp]``
-    (a vocal-tract-length change, as VTLP); ``eq``: a smooth random curve over the bins (three
-    cosines with N(0, eq) amplitudes, in normalised units) is added (a channel's colouring);
-    ``bandlimit``: with this probability an utterance loses every bin above a cutoff drawn from
-    ``[min_bins, n_mels)`` (set to 0, the value a band-limited recording's empty bins get from
-    its own statistics: 8 kHz sources, telephone channels); ``mask``: about this share of each
-    utterance's frames is set to 0 (the normalised mean) in spans of ``mask_span`` frames at
-    random places (spans may overlap), so the encoder has to infer them from their context while
-    the decoder still reconstructs them (masked reconstruction, as TERA / MAE).
-    """
-    if feats.dim() != 3:
-        raise ValueError(f"augment_mels expects (B, n_mels, F), got {tuple(feats.shape)}")
-    B, n, _ = feats.shape
-    out = feats
-    if warp > 0:
-        alpha = 1.0 + (torch.rand(B, 1, generator=generator) * 2 - 1) * warp
-        pos = (torch.arange(n, dtype=torch.float32)[None, :] * alpha).clamp(0, n - 1)
-        lo = pos.floor().long()
-        hi = (lo + 1).clamp(max=n - 1)
-        frac = (pos - lo.float())[:, :, None].to(feats)
-        lo, hi = lo.to(feats.device), hi.to(feats.device)
-        index = torch.cat([lo, hi], 1)[:, :, None].expand(-1, -1, out.shape[-1])
-        low, high = torch.gather(out, 1, index).split(n, dim=1)
-        out = low * (1 - frac) + high * frac
-    if eq > 0:
-        k = torch.arange(1, 4, dtype=torch.float32)
-        amp = torch.randn(B, 3, generator=generator) * eq
-        phase = torch.rand(B, 3, generator=generator) * 2 * math.pi
-        bins = torch.linspace(0, math.pi, n)
-        curve = (amp[:, :, None] * torch.cos(k[None, :, None] * bins + phase[:, :, None])).sum(1)
-        out = out + curve[:, :, None].to(feats)
-    if bandlimit > 0:
-        cut = torch.randint(min(min_bins, n - 1), n, (B,), generator=generator)
-        cut = torch.where(torch.rand(B, generator=generator) < bandlimit, cut, torch.full_like(cut, n))
-        keep = torch.arange(n)[None, :] < cut[:, None]
-        out = out * keep[:, :, None].to(feats)
-    if mask > 0:
-        F = out.shape[-1]
-        span = max(1, min(int(mask_span), F))
-        n_spans = max(1, round(mask * F / span))
-        starts = torch.randint(0, F - span + 1, (B, n_spans), generator=generator)
-        covered = torch.zeros(B, F + 1)
-        covered.scatter_add_(1, starts, torch.ones(B, n_spans))
-        covered.scatter_add_(1, starts + span, -torch.ones(B, n_spans))
-        hidden = covered.cumsum(1)[:, :F] > 0
-        out = out.masked_fill(hidden[:, None, :].to(feats.device), 0.0)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,6 +436,90 @@ def compute_stats(
     if not math.isfinite(float(stats.global_.mean.sum())):
         raise ValueError("feature stats are not finite")
     return stats
+
+
+def measure_states(
+    rows: Sequence[ManifestRow], features_cfg: Mapping, samples_per_unit: int,
+    pitch: Sequence[float] | None = None, workers: int = 1, progress: bool = True,
+) -> StateStore:
+    """The :class:`speechvq.stats.StateStore` of ``rows``: each utterance decoded once and measured
+    by :meth:`FrontEnd.measure` (its own moments with ``normalize=utterance``) on its first
+    ``T // samples_per_unit`` whole units, as a training crop and extraction measure it; with
+    ``pitch=(f0_min, f0_max)`` also its F0 track (:meth:`FrontEnd.f0`). Unreadable files are
+    logged and left out (a crop of them is replaced, as for any bad file). ``workers`` threads."""
+    front = FrontEnd(features_cfg, analysis_only=True)
+    own_moments = front.mode == "utterance"
+    spu = int(samples_per_unit)
+
+    def measure(row: ManifestRow) -> tuple[UtteranceState, Tensor | None] | None:
+        try:
+            wav = load_audio(row.path, front.sample_rate)
+        except AudioError as err:
+            log.warning("front-end states: skipping %s", err)
+            return None
+        n = wav.numel() // spu * spu or wav.numel()
+        with torch.no_grad():
+            state = front.measure(wav, n, moments=own_moments)
+            f0 = front.f0(wav, n, *pitch) if pitch is not None else None
+        return state, f0
+
+    kept: list[tuple[ManifestRow, UtteranceState, Tensor | None]] = []
+    with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+        for row, found in tqdm(zip(rows, pool.map(measure, rows), strict=True), total=len(rows),
+                               desc="front-end states", unit="utt", disable=not progress):
+            if found is not None:
+                kept.append((row, *found))
+    f0 = {pitch_key(pitch): [k[2] for k in kept]} if pitch is not None else None
+    return StateStore.from_states(features_cfg, spu, [k[0].id for k in kept],
+                                  [k[0].num_samples for k in kept], [k[1] for k in kept], f0)
+
+
+def states_for_rows(
+    rows: Sequence[ManifestRow], features_cfg: Mapping, samples_per_unit: int,
+    pitch: Sequence[float] | None = None, found: Sequence[str | os.PathLike] = (),
+    cache: str | os.PathLike | None = None, workers: int = 1, progress: bool = True,
+) -> tuple[StateStore, np.ndarray]:
+    """The front-end states of ``rows``: the one policy for where they come from.
+
+    The first store among ``found`` (``stats.json``'s neighbour ``frontend_state.npz`` from
+    ``speechvq-prepare``, a run folder's own) made with this features config and unit serves the
+    rows it holds (and the F0 range ``pitch``, when asked); the rest are measured now
+    (:func:`measure_states`) and, with ``cache``, the store of ``rows`` is written there so that a
+    resumed run measures nothing. Returns ``(store, store index of each row, -1 when unreadable)``.
+    """
+    key = pitch_key(pitch) if pitch is not None else None
+    store, missing = None, list(range(len(rows)))
+    for path in found:
+        if not Path(path).is_file():
+            continue
+        try:
+            candidate = StateStore.load(path)
+        except ValueError as err:
+            log.warning("%s", err)
+            continue
+        problem = candidate.problem(features_cfg, samples_per_unit)
+        if problem is None and key is not None and key not in candidate.f0_keys:
+            problem = f"holds no F0 tracks for the range {key} Hz (model.pitch)"
+        if problem is not None:
+            log.info("%s: not used (%s)", path, problem)
+            continue
+        index = candidate.lookup([r.id for r in rows], [r.num_samples for r in rows])
+        if (index >= 0).any():
+            store, missing = candidate, [i for i in range(len(rows)) if index[i] < 0]
+            break
+    if store is not None and not missing:
+        return store, index
+    todo = [rows[i] for i in missing]
+    log.info("measuring the front-end state%s of %d of %d utterances once (speechvq-prepare "
+             "stores them with the corpus as %s: re-run it to add them)",
+             " and F0 track" if key else "", len(todo), len(rows), STATE_FILE)
+    measured = measure_states(todo, features_cfg, samples_per_unit, pitch, workers, progress)
+    if store is not None:
+        have = index[index >= 0]
+        measured = StateStore.concat([store.subset(have), measured])
+    if cache is not None:
+        measured.save(cache)
+    return measured, measured.lookup([r.id for r in rows], [r.num_samples for r in rows])
 
 
 def stats_for_rows(

@@ -25,11 +25,11 @@ from speechvq.features import (
     Z_MAX,
     FrontEnd,
     active_frames,
-    augment_mels,
     compute_stats,
     level_reference,
     stats_for_rows,
 )
+from speechvq.nn.augment import augment_mels
 from speechvq.synthesis import Synthesizer
 from speechvq.tasks import VQVAETask
 from speechvq.training import fit

@@ -5,7 +5,8 @@
     speechvq-prepare data=librispeech ... out_dir=OUT
 
 Writes OUT/manifest.tsv, OUT/{train,valid,test}.tsv (when split), OUT/rejected.tsv
-(``path<TAB>reason``), OUT/stats.json and, for corpora with alignments, OUT/alignments/; every
+(``path<TAB>reason``), OUT/stats.json, OUT/frontend_state.npz (each utterance's front-end state)
+and, for corpora with alignments, OUT/alignments/; every
 corpus ends the same way (:func:`speechvq.data.prepare.finish`).
 """
 
@@ -38,7 +39,8 @@ def run(cfg: DictConfig) -> int:
         raise StageError(f"unknown data.name {data.get('name')!r}: use data=folder, data=mini or "
                          "data=librispeech")
     options = {"stats": bool(cfg.stats), "workers": int(cfg.num_workers),
-               "progress": bool(cfg.progress)}
+               "progress": bool(cfg.progress),
+               "state_unit": int(cfg.state_unit_frames) if cfg.frontend_state else None}
     # user errors: a bad folder or subset, a failed checksum, an unsafe archive
     call(partial(prepare, **options), data, Path(cfg.out_dir), features, errors=(ValueError,))
     return 0

@@ -11,6 +11,13 @@ given), "pitch": (2, F) (with ``pitch=(f0_min, f0_max)``: the decoder's F0 condi
 item is exactly ``FrontEnd(cfg, stats)(wav, speaker)``, and a training crop is made with its
 whole utterance's state (level, DC, utterance moments).
 
+A training crop costs what the crop costs: its utterance's state (and F0 track) comes from the
+corpus' :class:`speechvq.stats.StateStore` (``frontend_state.npz``, measured once) and only the
+crop's window of the file is decoded (:func:`speechvq.audio.read_window`). With
+``features_on="device"`` a crop item carries no ``feats`` but what makes them, ``"dc"``,
+``"ref"`` and ``"norm"`` ((2, n_mels): the mean and std it is normalised with), and the model's
+input is computed for the whole batch on the training device (:meth:`FrontEnd.batch`).
+
 A file that cannot be read at load time never stops a run: it is logged once and, for training
 crops, replaced by another utterance chosen deterministically; whole-utterance items are dropped.
 """
@@ -18,21 +25,24 @@ crops, replaced by another utterance chosen deterministically; whole-utterance i
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from speechvq.audio import AudioError, load_audio
+from speechvq.audio import AudioError, load_audio, read_window
+from speechvq.data.loader import train_batches as train_batches  # noqa: F401 (re-exported)
+from speechvq.data.loader import valid_batches as valid_batches  # noqa: F401 (re-exported)
 from speechvq.data.manifest import ManifestRow
 from speechvq.features import FeatureStats, FrontEnd, UtteranceState
+from speechvq.stats import StateStore, pitch_key
 
 log = logging.getLogger(__name__)
 
 # How many other utterances a crop tries before deciding the corpus itself is broken.
 MAX_SUBSTITUTES = 20
+FEATURES_ON = ("loader", "device")
 
 
 def _warn_bad(warned: set[str], err: AudioError, what: str) -> None:
@@ -85,6 +95,11 @@ class _ManifestDataset(torch.utils.data.Dataset):
         """The pitch condition (2, T // hop) of a whole utterance (its first n samples)."""
         return self._front.pitch(wav, n, *self.pitch)
 
+    def _whole_units(self, num_samples: int) -> int:
+        """The samples of an utterance that its units cover (at least the whole of a short one)."""
+        hop = self.samples_per_unit
+        return num_samples // hop * hop or num_samples
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -98,20 +113,31 @@ class CropDataset(_ManifestDataset):
 
     ``crop_seconds`` is rounded down to whole units (``samples_per_unit``). Shorter utterances are
     zero-padded at the end (``num_samples`` says how much is real). ``speakers`` gives the speaker
-    ids (index in the list); every row's speaker must be in it. ``features_cfg=None``: waveforms only.
+    ids (index in the list); every row's speaker must be in it. ``features_cfg=None``: waveforms
+    only. (The training loader's workers live across epochs: it calls :meth:`set_epoch` with
+    every item, :class:`speechvq.data.loader.EpochItems`.)
+
+    ``states``: the corpus' :class:`speechvq.stats.StateStore` and the store index of each row
+    (-1: none), as :func:`speechvq.features.states_for_rows` returns them; without a state a row's
+    whole file is decoded and measured on its first use (once per dataset copy, i.e. per worker).
     ``cache_audio``: keep every decoded waveform in memory after its first read (float32, 4 bytes
-    per sample: for corpora that fit in RAM; decoding is a large part of a CPU step). With
-    DataLoader workers each worker fills its own copy.
+    per sample: for corpora that fit in RAM; every DataLoader worker fills its own copy).
+    ``features_on``: ``"loader"`` (items carry ``feats``) or ``"device"`` (see the module).
     """
 
     def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
                  stats: FeatureStats | None, features_cfg: Mapping | None, crop_seconds: float,
                  sample_rate: int, samples_per_unit: int, seed: int = 0,
-                 cache_audio: bool = False, pitch: Sequence[float] | None = None) -> None:
+                 cache_audio: bool = False, pitch: Sequence[float] | None = None,
+                 states: tuple[StateStore, np.ndarray] | None = None,
+                 features_on: str = "loader") -> None:
         if not rows:
             raise ValueError("CropDataset needs at least one utterance")
         super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit,
                          pitch)
+        if features_on not in FEATURES_ON:
+            raise ValueError(f"features_on must be one of {FEATURES_ON}, not {features_on!r}")
+        self.features_on = features_on
         self.cache_audio = bool(cache_audio)
         self._cache: dict[int, Tensor] = {}
         if unknown := self.unknown_speakers():
@@ -123,73 +149,95 @@ class CropDataset(_ManifestDataset):
                              f"({hop} samples)")
         self.seed = int(seed)
         self.epoch = 0
-        self._states: dict[int, UtteranceState] = {}  # whole-utterance level/moments, per row
+        self._store, self._store_index = states if states is not None else (None, None)
+        if self._store_index is not None and len(self._store_index) != len(self.rows):
+            raise ValueError(f"{len(self._store_index)} state indices for {len(self.rows)} rows")
+        self._states: dict[int, UtteranceState] = {}  # measured here: rows the store lacks
         self._bad: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the crops of ``epoch`` (call at the start of every epoch, as for samplers)."""
         self.epoch = int(epoch)
 
-    def _rng(self, index: int, attempt: int = 0) -> np.random.Generator:
-        key = [self.seed, self.epoch, index] + ([attempt] if attempt else [])
+    def _rng(self, epoch: int, index: int, attempt: int = 0) -> np.random.Generator:
+        key = [self.seed, epoch, index] + ([attempt] if attempt else [])
         return np.random.default_rng(key)
 
-    def _load(self, index: int) -> tuple[int, Tensor]:
-        """Audio of ``index``, or of a deterministic substitute when that file is unreadable."""
+    def __getitem__(self, index: int) -> dict:
+        epoch = self.epoch
         for attempt in range(MAX_SUBSTITUTES + 1):
-            i = index if attempt == 0 else int(self._rng(index, attempt).integers(len(self.rows)))
+            i = index if attempt == 0 else int(
+                self._rng(epoch, index, attempt).integers(len(self.rows)))
             if i in self._bad:
                 continue
-            if i in self._cache:
-                return i, self._cache[i]
             try:
-                wav = load_audio(self.rows[i].path, self.sample_rate)
+                return self._crop(i, self._rng(epoch, index))
             except AudioError as err:
                 self._bad.add(i)
                 _warn_bad(self._warned, err, "skipping it (another utterance is used in its place)")
-                continue
-            if self.cache_audio:
-                self._cache[i] = wav
-            return i, wav
         raise RuntimeError(
             f"{MAX_SUBSTITUTES + 1} utterances in a row could not be read (last tried: "
             f"{self.rows[i].path}); the corpus looks broken, re-run speechvq-prepare"
         )
 
-    def _state(self, i: int, wav: Tensor) -> UtteranceState | None:
-        """The whole utterance's front-end state (crops are made exactly as the whole is)."""
-        if self._front is None:
-            return None
-        if i not in self._states:
-            hop = self.samples_per_unit
-            n = wav.numel() // hop * hop or wav.numel()  # as UtteranceDataset cuts it
-            self._states[i] = self._front.measure(wav, n)
-            if self.pitch is not None:
-                self._states[i].pitch = self._pitch_of(wav, n)
-        return self._states[i]
+    def _stored(self, i: int) -> int:
+        """Row ``i``'s index in the state store, -1 when it has none (or there is no store)."""
+        return -1 if self._store_index is None else int(self._store_index[i])
 
-    def __getitem__(self, index: int) -> dict:
-        i, wav = self._load(index)
+    def _crop(self, i: int, rng: np.random.Generator) -> dict:
         row = self.rows[i]
-        state = self._state(i, wav)
-        n = wav.numel()
-        start = 0
-        if n >= self.crop_samples:
-            start = int(self._rng(index).integers(0, n - self.crop_samples + 1))
-            wav = wav[start : start + self.crop_samples].clone()
-            n = self.crop_samples
+        whole = self._cache.get(i)
+        if whole is None and (self.cache_audio or (
+                self._front is not None and self._stored(i) < 0 and i not in self._states)):
+            whole = load_audio(row.path, self.sample_rate)
+            if self.cache_audio:
+                self._cache[i] = whole
+        state = self._state(i, whole)
+        n = whole.numel() if whole is not None else row.num_samples
+        start = int(rng.integers(0, n - self.crop_samples + 1)) if n >= self.crop_samples else 0
+        take = min(n, self.crop_samples)
+        if whole is not None:
+            wav = whole[start : start + take].clone()  # the cached waveform is never written to
         else:
-            wav = torch.cat([wav, wav.new_zeros(self.crop_samples - n)])  # a new tensor: the
-            # cached waveform is never written to
-        feats = self._front(wav, row.speaker, state, n) if self._front else None
-        pitch = None
+            wav = read_window(row.path, start, take, self.sample_rate, num_samples=n)
+        if take < self.crop_samples:
+            wav = torch.cat([wav, wav.new_zeros(self.crop_samples - take)])
+        item = _item(row, wav, None, self._speaker_ids[row.speaker], take)
+        if self._front is None:
+            return item
+        if self.features_on == "loader":
+            item["feats"] = self._front(wav, row.speaker, state, take)
+        else:
+            mean, std = self._front.norm_of(row.speaker, state) or (
+                torch.zeros(self._front.n_mels), torch.ones(self._front.n_mels))
+            item.update(dc=state.dc, ref=state.ref, norm=torch.stack([mean, std]))
         if self.pitch is not None:  # the whole utterance's track, at the nearest frames (<= 5 ms)
             frames = self._front.num_frames(self.crop_samples)
             first = round(start / self._front.logmel.hop_length)
             pitch = state.pitch[:, first : first + frames]
             pitch = torch.cat([pitch, pitch.new_zeros(2, frames - pitch.shape[1])], 1)
-            pitch[:, self._front.num_frames(n):] = 0.0
-        return _item(row, wav, feats, self._speaker_ids[row.speaker], n, pitch)
+            pitch[:, self._front.num_frames(take):] = 0.0
+            item["pitch"] = pitch
+        return item
+
+    def _state(self, i: int, whole: Tensor | None) -> UtteranceState | None:
+        """The whole utterance's front-end state (crops are made exactly as the whole is): the
+        store's, else measured on ``whole`` (and kept)."""
+        if self._front is None:
+            return None
+        s = self._stored(i)
+        if s >= 0:
+            state = self._store.state(s)
+            if self.pitch is not None:
+                f0 = self._store.f0(s, pitch_key(self.pitch))
+                state.pitch = self._front.pitch_condition(f0, self.rows[i].num_samples)
+            return state
+        if i not in self._states:
+            n = self._whole_units(whole.numel())  # as UtteranceDataset cuts it
+            self._states[i] = self._front.measure(whole, n)
+            if self.pitch is not None:
+                self._states[i].pitch = self._pitch_of(whole, n)
+        return self._states[i]
 
 
 class UtteranceDataset(_ManifestDataset):
@@ -246,7 +294,8 @@ def collate(items: Sequence[dict | None], samples_per_unit: int) -> dict | None:
     files) are dropped.
 
     Returns ``{"ids": [B], "wav": (B, T), "feats": (B, n_mels, F) (when items have feats),
-    "pitch": (B, 2, F) (when items have a pitch condition),
+    "pitch": (B, 2, F) (when items have a pitch condition), "dc", "ref": (B,) float64 and
+    "norm": (B, 2, n_mels) (when items leave their features to the training device),
     "speaker": (B,) long, "num_samples": (B,) long, "mask": (B, T // samples_per_unit) bool}``
     where ``mask`` marks the valid units; ``None`` when every item was dropped (skip that batch).
     """
@@ -269,6 +318,10 @@ def collate(items: Sequence[dict | None], samples_per_unit: int) -> dict | None:
         "num_samples": num_samples,
         "mask": mask,
     }
+    if all("norm" in it for it in items):  # features made on the training device
+        batch["dc"] = torch.tensor([it["dc"] for it in items], dtype=torch.float64)
+        batch["ref"] = torch.tensor([it["ref"] for it in items], dtype=torch.float64)
+        batch["norm"] = torch.stack([it["norm"] for it in items])
     for key in ("feats", "pitch"):
         if all(key in it for it in items):
             channels = items[0][key].shape[0]
@@ -278,34 +331,3 @@ def collate(items: Sequence[dict | None], samples_per_unit: int) -> dict | None:
                 padded[b, :, : it[key].shape[-1]] = it[key]
             batch[key] = padded
     return batch
-
-
-# --- the fit loop's batches: a pure function of (seed, epoch, rank), for exact resume -----------
-
-
-def train_batches(
-    n_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
-) -> list[list[int]]:
-    """One epoch of training batches for one rank: a permutation from (seed, epoch), cut into
-    ``world_size * batch_size`` blocks (the last partial block dropped) and sharded by rank, so
-    every rank gets the same number of batches and the order is reproducible for resume."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n_items, generator=gen).tolist()
-    block = world_size * batch_size
-    return [
-        order[start + rank * batch_size : start + (rank + 1) * batch_size]
-        for start in range(0, n_items - block + 1, block)
-    ]
-
-
-def valid_batches(
-    n_items: int, batch_size: int, rank: int = 0, world_size: int = 1
-) -> list[list[int]]:
-    """Validation batches in dataset order, sharded by rank; the index list is padded by
-    wrapping around so every rank runs the same number of batches."""
-    if n_items == 0:
-        return []
-    per_rank = math.ceil(n_items / world_size)
-    padded = [i % n_items for i in range(per_rank * world_size)]
-    mine = padded[rank::world_size]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

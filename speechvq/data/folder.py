@@ -314,7 +314,8 @@ def split_config(split_cfg: Mapping | None) -> tuple[str, float, float, int]:
 
 
 def prepare_folder(data: Mapping, out_dir: str | os.PathLike, features: Mapping, *,
-                   stats: bool = True, workers: int = 1, progress: bool = True) -> None:
+                   stats: bool = True, state_unit: int | None = None, workers: int = 1,
+                   progress: bool = True) -> None:
     """``data=folder``: every .wav/.flac under ``data["root"]``, with the alignments in
     ``data["alignments"]`` or beside the audio written to OUT/alignments/; then
     :func:`speechvq.data.prepare.finish`."""
@@ -350,7 +351,7 @@ def prepare_folder(data: Mapping, out_dir: str | os.PathLike, features: Mapping,
     extra = [_write_folder_alignments(data, out_dir, rows)]
     corpus = Corpus(rows, rejected, splits, notes=notes, extra=extra)
     finish(corpus, out_dir, features if stats else None, int(features["sample_rate"]),
-           workers=workers, progress=progress)
+           state_unit=state_unit, workers=workers, progress=progress)
 
 
 def _read_folder_alignments(

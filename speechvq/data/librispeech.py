@@ -407,12 +407,14 @@ def prepare(
     progress: bool = True,
     *,
     stats: bool = True,
+    state_unit: int | None = None,
     workers: int = 1,
 ) -> dict:
     """The whole ``data=librispeech`` prepare stage (see the module docstring); returns a summary.
 
     ``data.download_only=true`` stops after the subsets are downloaded and extracted. No
-    ``stats.json`` without ``features_cfg`` or with ``stats=False``. It ends as every corpus does
+    ``stats.json`` (nor ``frontend_state.npz``) without ``features_cfg`` or with ``stats=False``;
+    ``state_unit``: see :func:`speechvq.data.prepare.finish`. It ends as every corpus does
     (:func:`speechvq.data.prepare.finish`).
     """
     out_dir = Path(out_dir)
@@ -442,7 +444,8 @@ def prepare(
     corpus.extra = _summary_lines(out_dir, corpus.subsets, splits)
     features = features_cfg if stats else None
     finish(corpus, out_dir, features, SAMPLE_RATE, all_speakers=True, workers=workers,
-           per_speaker=_get(data_cfg, "stats_utterances_per_speaker"), progress=progress)
+           per_speaker=_get(data_cfg, "stats_utterances_per_speaker"), state_unit=state_unit,
+           progress=progress)
     if features is not None:
         summary["stats"] = str(out_dir / "stats.json")
     return summary

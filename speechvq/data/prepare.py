@@ -6,6 +6,9 @@ Each corpus (:func:`speechvq.data.folder.prepare_folder`, :func:`speechvq.data.s
 
 - ``OUT/stats.json``: log-mel statistics (:func:`corpus_stats`), computed first so that a corpus
   whose audio cannot be analysed leaves no manifest behind;
+- ``OUT/frontend_state.npz``: every utterance's front-end state (DC, level, own moments), measured
+  once here so that a training crop decodes only its window
+  (:func:`speechvq.features.measure_states`);
 - ``OUT/<subset>.tsv`` for a corpus made of subsets, ``OUT/{train,valid,test}.tsv`` for the splits
   it has (a split manifest left by an earlier run that no longer applies is removed);
 - ``OUT/rejected.tsv``: ``path<TAB>reason`` for every file that could not be used;
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speechvq.data.manifest import ManifestRow, speakers_of, write_manifest
-from speechvq.features import FeatureStats, compute_stats
+from speechvq.features import STATE_FILE, FeatureStats, compute_stats, measure_states
 from speechvq.files import write_text
 
 log = logging.getLogger(__name__)
@@ -62,11 +65,13 @@ class Corpus:
 
 def finish(corpus: Corpus, out_dir: str | os.PathLike, features: Mapping | None,
            sample_rate: int, *, per_speaker: int | None = None, all_speakers: bool = False,
-           workers: int = 1, progress: bool = True) -> FeatureStats | None:
+           state_unit: int | None = None, workers: int = 1,
+           progress: bool = True) -> FeatureStats | None:
     """Write the corpus (see the module docstring); ``features`` None: no ``stats.json``.
 
-    ``per_speaker`` and ``all_speakers`` are passed to :func:`corpus_stats`. Returns the
-    statistics written, if any.
+    ``per_speaker`` and ``all_speakers`` are passed to :func:`corpus_stats`. ``state_unit``: mel
+    frames per unit of the models the front-end states serve (``state_unit_frames``: 2 for 50 Hz
+    units; None: no ``frontend_state.npz``). Returns the statistics written, if any.
     """
     out_dir = Path(out_dir)
     stats = None
@@ -79,6 +84,10 @@ def finish(corpus: Corpus, out_dir: str | os.PathLike, features: Mapping | None,
                                  per_speaker, workers, progress)
         except ValueError as err:
             raise PrepareError(f"{out_dir / 'stats.json'}: {err}") from None
+    states = None
+    if features is not None and state_unit:
+        states = measure_states(corpus.rows, features, int(features["hop_length"]) * state_unit,
+                                workers=workers, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in corpus.subsets.items():
         write_manifest(out_dir / f"{name}.tsv", rows)
@@ -92,6 +101,10 @@ def finish(corpus: Corpus, out_dir: str | os.PathLike, features: Mapping | None,
     write_rejected(out_dir / "rejected.tsv", corpus.rejected)
     if stats is not None:
         stats.save(out_dir / "stats.json")
+    if states is not None:
+        states.save(out_dir / STATE_FILE)
+    elif (out_dir / STATE_FILE).exists():  # from an earlier run: would not match this corpus
+        (out_dir / STATE_FILE).unlink()
     write_manifest(out_dir / "manifest.tsv", corpus.rows)
     print("\n".join(summary(corpus, out_dir, sample_rate)), flush=True)
     return stats

@@ -77,23 +77,10 @@ from speechvq.data.manifest import ManifestRow
 from speechvq.data.prepare import SPLITS, Corpus, PrepareError, finish
 from speechvq.files import write_text
 
-__all__ = [
-    "CHAPTERS",
-    "DEFAULT_N_PER_VOICE",
-    "DEFAULT_VOICES",
-    "SPLITS",
-    "FliteError",
-    "check_sentences",
-    "Utterance",
-    "default_sentences_path",
-    "find_flite",
-    "generate_corpus",
-    "load_sentences",
-    "plan_corpus",
-    "prepare_mini",
-    "synthesize",
-    "transcript",
-]
+__all__ = ["CHAPTERS", "DEFAULT_N_PER_VOICE", "DEFAULT_VOICES", "SPLITS", "FliteError",
+           "check_sentences", "Utterance", "default_sentences_path", "find_flite",
+           "generate_corpus", "load_sentences", "plan_corpus", "prepare_mini", "synthesize",
+           "transcript"]
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +541,8 @@ def _synthesize_plan(
 
 
 def prepare_mini(data: Mapping, out_dir: str | os.PathLike, features: Mapping, *,
-                 stats: bool = True, workers: int = 1, progress: bool = True) -> None:
+                 stats: bool = True, state_unit: int | None = None, workers: int = 1,
+                 progress: bool = True) -> None:
     """``data=mini``: the shipped corpus (or ``data["root"]``, or a fresh one with
     ``data["regenerate"]``), its own train/valid/test split and .phn alignments copied to
     OUT/alignments/; then :func:`speechvq.data.prepare.finish`."""
@@ -593,7 +581,7 @@ def prepare_mini(data: Mapping, out_dir: str | os.PathLike, features: Mapping, *
     if n_missing:
         log.warning("%d utterance(s) have no .phn alignment beside their audio", n_missing)
     finish(corpus, out_dir, features if stats else None, int(features["sample_rate"]),
-           workers=workers, progress=progress)
+           state_unit=state_unit, workers=workers, progress=progress)
 
 
 def _mini_root(data: Mapping, out_dir: Path, progress: bool) -> Path:
