@@ -18,29 +18,38 @@ Module map (imports point one way, down this list):
 ==========================  ===================================================================
 ``speechvq.cli``            hydra entry points, thin: config -> plain data -> one library call
 ``tasks``                   what the fit loop trains: VQ-VAE and prior tasks, the two trainings
-``extract``                 chunked, sharded extraction of unit files (``speechvq-extract``)
+``extract``                 chunked, sharded, resumable extraction of unit files
+``chunked``                 rows -> units, exactly, in bounded memory (the chunked encoder)
+``unit_merge``              joining unit files: shards, splits from their subsets
 ``synthesis``               units -> audio (:class:`Synthesizer`), samples, resynthesis, pages
 ``prior``                   build, load and sample the unit prior; its sequences, perplexities
 ``baseline``                MFCC + k-means units; evaluating a unit file beside them
 ``report``                  the listening page (HTML, spectrograms, WAVs) and TensorBoard clips
 ``training``                one fit loop: DDP, AMP, checkpoints, TensorBoard, exact resume
+``trainer``                 what a fit is given: trainer config, the Task protocol, run folder
 ``vqvae``                   encoder + quantizer + decoder; owns the frame geometry
 ``checkpoint``              self-describing checkpoints, :class:`VQVAEMeta`, output locks
-``units``                   unit files in every format, dedup + durations, the typed sidecar
+``units``                   unit files in every format, dedup + durations
+``sidecar``                 the typed sidecar of a unit file
 ``metrics``                 PNMI, purities, ABX, bitrate, codebook usage, perplexity
 ``vocoder``                 log-mels -> waveform (Griffin-Lim)
-``nn``                      pure torch modules: quantizer, encoder, decoder, prior, CPC head
-``features``                LogMel and the one front-end; the one statistics policy
-``stats``                   normalisation statistics: moments, ``stats.json`` (FeatureStats)
 ``data``                    manifests, corpora (folder, mini, LibriSpeech), downloads,
-                            how every corpus ends (``data.prepare``), datasets, alignments
-``audio``                   load/save audio: mono, resampling, validation -> AudioError
+                            how every corpus ends (``data.prepare``), datasets, the fit loop's
+                            loaders (``data.loader``), alignments
+``features``                the one front-end; the one statistics and front-end-state policy
+``stats``                   statistics files: moments, ``stats.json``, ``frontend_state.npz``
+``nn``                      pure torch modules: quantizer, encoder, decoder, prior, CPC head,
+                            the log-mel spectrogram, augmentations of log-mels
+``audio``                   load/save audio, window reads: mono, resampling, -> AudioError
 ``files``                   atomic writes (one permission and cleanup policy), JSON, names
-``runtime``                 thread policy (before torch loads), device, ranks, seeding
+``numerics``                precision per device, TF32 / cuDNN policies, sync-free steps
+``runtime``                 device, ranks, seeding, replicas, training speed
+``threads``                 CPU thread policy: set before torch loads, followed during a run
 ==========================  ===================================================================
 
-Importing speechvq sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (unless the user set it),
-so torch's CPU threads stay fair when other processes use the cores: see :mod:`speechvq.runtime`.
+Importing speechvq chooses torch's CPU thread count before torch loads (the cores other processes
+leave free) and, with ``SPEECHVQ_CPU=shared``, the passive OpenMP wait policy: see
+:mod:`speechvq.threads`.
 """
 
 # Keep this import first, before anything that imports torch: libgomp reads the policy once.

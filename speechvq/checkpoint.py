@@ -296,8 +296,9 @@ def checkpoint_hash(path: str | Path) -> str:
     return file_hash(path)
 
 
-def capture_rng() -> dict:
-    """This process's torch / CUDA / numpy / Python RNG states as tensors and plain data."""
+def capture_rng(device: torch.device | str | None = None) -> dict:
+    """This process's torch / numpy / Python RNG states as tensors and plain data, and the CUDA
+    RNG of ``device`` when it is a GPU (the one this rank trains on, whichever is current)."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, py_state, gauss_next = random.getstate()
     state = {
@@ -314,13 +315,14 @@ def capture_rng() -> dict:
             "gauss_next": gauss_next,
         },
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device: one device per rank
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: Mapping) -> None:
-    """Inverse of :func:`capture_rng`."""
+def restore_rng(state: Mapping, device: torch.device | str | None = None) -> None:
+    """Inverse of :func:`capture_rng` (the CUDA state goes to ``device``, when it is a GPU)."""
     torch.set_rng_state(state["torch"].cpu())
     np_state = state["numpy"]
     np.random.set_state(
@@ -334,8 +336,20 @@ def restore_rng(state: Mapping) -> None:
     )
     py = state["python"]
     random.setstate((int(py["version"]), tuple(py["state"].tolist()), py["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
+    device = torch.device(device) if device is not None else None
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def first_difference(a: Any, b: Any, where: str = "model_config") -> str:
+    """Where two configs first differ: ``"model_config.x.y: 1 != 2"`` (or a key in one only)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}.{key} is only in one of them"
+            if a[key] != b[key]:
+                return first_difference(a[key], b[key], f"{where}.{key}")
+    return f"{where}: {a!r} != {b!r}"
 
 
 def _get_dotted(ckpt: Mapping, key: str, path: Path) -> Any:

@@ -1,4 +1,4 @@
-"""What the fit loop trains (:class:`speechvq.training.Task`): the VQ-VAE and the unit prior.
+"""What the fit loop trains (:class:`speechvq.trainer.Task`): the VQ-VAE and the unit prior.
 
 :func:`train_vqvae` and :func:`train_prior` are ``speechvq-train`` and ``speechvq-train-prior``:
 a task from plain data, :func:`speechvq.training.fit`, and (prior) the validation perplexity
@@ -23,34 +23,36 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
-from torch.utils.tensorboard import SummaryWriter
 
 from speechvq.audio import AudioError
 from speechvq.checkpoint import VQVAEMeta
-from speechvq.data.dataset import CropDataset, UtteranceDataset, collate
+from speechvq.data.dataset import FEATURES_ON, CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, read_manifest, speakers_of
 from speechvq.features import (
+    STATE_FILE,
     FeatureStats,
     FrontEnd,
-    augment_mels,
     build_logmel,
     compute_stats,
     mel_centres,
+    states_for_rows,
 )
 from speechvq.files import write_json
+from speechvq.nn.augment import augment_mels
 from speechvq.prior import (
     UnitSequences,
     build_prior,
     collate_units,
+    flat_sequences,
     load_prior,
     ngram_perplexities,
     prior_data,
@@ -58,7 +60,8 @@ from speechvq.prior import (
     sample_units,
     unit_perplexity,
 )
-from speechvq.runtime import is_main_process, seed_everything
+from speechvq.runtime import is_main_process, resolve_device, seed_everything
+from speechvq.trainer import Task as Task  # noqa: F401 (re-exported)
 from speechvq.training import fit
 from speechvq.units import Units
 from speechvq.vocoder import griffin_lim
@@ -67,47 +70,6 @@ from speechvq.vqvae import build_vqvae
 AUGMENTS = ("warp", "eq", "bandlimit", "mask")  # data.augment keys that switch an augmentation on
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Task(Protocol):
-    """What :func:`speechvq.training.fit` needs from a model family (the VQ-VAE task, the prior task).
-
-    Attributes:
-        kind: the checkpoint kind, ``"vqvae"`` or ``"prior"``.
-        model: the ``nn.Module`` to train, built on CPU; ``fit`` moves it to the device.
-        model_config: the builder's kwargs as plain data: rebuilds ``model`` from the checkpoint.
-        meta: plain data saved in every checkpoint (speakers, stats, frame rate, ...).
-        train_set: map-style dataset; if it has ``set_epoch(epoch)`` fit calls it every epoch.
-            Items must be a pure function of (index, epoch) for exact resume.
-        valid_set: map-style dataset or ``None`` (then ``best.pt`` tracks the training loss).
-    """
-
-    kind: str
-    model: nn.Module
-    model_config: dict
-    meta: dict
-    train_set: Dataset
-    valid_set: Dataset | None
-
-    def collate(self, items: list) -> dict | None:
-        """Items of ``train_set`` / ``valid_set`` -> one batch (a dict of tensors and lists);
-        ``None`` skips the batch (e.g. every file unreadable; under DDP only in validation)."""
-        ...
-
-    def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
-        """One forward pass on a batch already on the device (under autocast).
-
-        ``model`` is the task's model, wrapped in DDP under ``torchrun``; ``model.training`` says
-        whether this is a training or a validation step (validation runs under ``no_grad``).
-        Returns scalars: ``"loss"`` (what is minimised) plus any losses and stats to log.
-        """
-        ...
-
-    def log_media(self, model: nn.Module, writer: SummaryWriter, step: int) -> None:
-        """Write images / audio to TensorBoard (rank 0, eval mode, no_grad)."""
-        ...
-
 
 
 class VQVAETask:
@@ -137,12 +99,28 @@ class VQVAETask:
         sample_rate = int(self.features["sample_rate"])
         feats_cfg = self.features if mel else None
         self.samples_per_unit = int(self.model.samples_per_unit)  # the datasets' unit
+        workers = int((cfg.get("trainer") or {}).get("num_workers", 0))
+        self.features_on = _features_on(data.get("features_on", "loader"),
+                                        str(cfg.get("device", "auto"))) if mel else "loader"
+        self.front = FrontEnd(self.features, self.stats) if mel else None
+        self._device_front: FrontEnd | None = None
+        states = None
+        if mel:
+            kept = Path(out_dir) / STATE_FILE if out_dir is not None else None
+            corpus_states = Path(data["state"]) if data.get("state") else manifest.parent / STATE_FILE
+            states = states_for_rows(train_rows, self.features, self.samples_per_unit,
+                                     self.model.pitch_range, [p for p in (kept, corpus_states) if p],
+                                     cache=kept if is_main_process() else None,
+                                     workers=os.cpu_count() or 1, progress=progress)
         self.train_set = CropDataset(train_rows, self.speakers, self.stats, feats_cfg,
                                      crop_seconds=float(data["crop_seconds"]),
                                      sample_rate=sample_rate,
                                      samples_per_unit=self.samples_per_unit, seed=int(cfg["seed"]),
-                                     cache_audio=_cache_audio(data.get("cache", False), train_rows),
-                                     pitch=self.model.pitch_range)
+                                     cache_audio=_cache_audio(data.get("cache", False), train_rows,
+                                                              workers),
+                                     pitch=self.model.pitch_range, states=states,
+                                     features_on=self.features_on)
+        valid_rows = _valid_subset(valid_rows, data.get("valid_seconds"), sample_rate)
         self.valid_set = (UtteranceDataset(valid_rows, self.speakers, self.stats, feats_cfg,
                                            sample_rate=sample_rate,
                                            samples_per_unit=self.samples_per_unit,
@@ -185,8 +163,16 @@ class VQVAETask:
 
     def step(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
         """The VQ-VAE's own forward: ``loss``, the named losses, perplexity/usage/dead_codes.
-        In training, with ``data.augment``, the encoder sees perturbed features
-        (:func:`speechvq.features.augment_mels`) and the decoder reconstructs the clean ones."""
+        Crops that left their features to the device get them here, batched
+        (:meth:`speechvq.features.FrontEnd.batch`). In training, with ``data.augment``, the
+        encoder sees perturbed features (:func:`speechvq.nn.augment.augment_mels`) and the
+        decoder reconstructs the clean ones."""
+        if "norm" in batch:
+            front = self._front_on(batch["wav"].device)
+            norm = batch["norm"] if front.mode != "none" else None
+            feats = front.batch(batch["wav"], batch["dc"], batch["ref"], batch["num_samples"],
+                                *((norm[:, 0], norm[:, 1]) if norm is not None else ()))
+            batch = {**batch, "feats": feats}
         if model.training and "feats" in batch and any(
                 self.augment[k] for k in AUGMENTS):
             batch = {**batch, "encoder_input": augment_mels(batch["feats"], **self.augment)}
@@ -222,6 +208,13 @@ class VQVAETask:
             self._logged_reference = True
 
     # ---- helpers
+
+    def _front_on(self, device: torch.device) -> FrontEnd:
+        """The front-end with its filterbank on ``device`` (made once)."""
+        if self._device_front is None or self._device_front.logmel.mel.mel_scale.fb.device != device:
+            self._device_front = FrontEnd(self.features, self.stats)
+            self._device_front.logmel.to(device)
+        return self._device_front
 
     def _media_example(self) -> dict | None:
         if self._example is None:
@@ -296,17 +289,49 @@ def _load_stats(
     return stats
 
 
-# data.cache=auto keeps decoded training audio in memory up to this size (float32 samples)
+# data.cache=auto keeps decoded training audio in memory up to this size (float32 samples, all
+# copies: each loader worker holds its own)
 AUTO_CACHE_BYTES = 2 * 1024**3
 
 
-def _cache_audio(setting: Any, rows: Sequence[ManifestRow]) -> bool:
-    """``data.cache``: true | false | auto (cache when the training audio fits in 2 GiB)."""
+def _cache_audio(setting: Any, rows: Sequence[ManifestRow], workers: int = 0) -> bool:
+    """``data.cache``: true | false | auto (cache when the training audio, once per loader worker,
+    fits in 2 GiB)."""
     if isinstance(setting, str) and setting.lower() == "auto":
-        return sum(r.num_samples for r in rows) * 4 <= AUTO_CACHE_BYTES
+        return sum(r.num_samples for r in rows) * 4 * max(1, workers) <= AUTO_CACHE_BYTES
     if isinstance(setting, str):
         raise ValueError(f"data.cache must be true, false or auto, got {setting!r}")
     return bool(setting)
+
+
+def _features_on(setting: str, device: str) -> str:
+    """``data.features_on``: loader | device | auto (device when training on CUDA: the loader
+    then only decodes crops; on the CPU the loader's workers make them beside the training)."""
+    if setting == "auto":
+        return "device" if resolve_device(device).type == "cuda" else "loader"
+    if setting not in FEATURES_ON:
+        raise ValueError(f"data.features_on must be auto, loader or device, got {setting!r}")
+    return setting
+
+
+def _valid_subset(rows: Sequence[ManifestRow], seconds: float | None,
+                  sample_rate: int) -> list[ManifestRow]:
+    """At most ``seconds`` of validation audio (``data.valid_seconds``; None: all), utterances
+    spread over the manifest by a fixed draw, longest first (batches of similar lengths)."""
+    rows = list(rows)
+    total = sum(r.num_samples for r in rows) / sample_rate
+    if seconds is not None and total > float(seconds):
+        picked, budget = [], float(seconds) * sample_rate
+        for i in np.random.default_rng(0).permutation(len(rows)):
+            if budget < rows[i].num_samples and picked:
+                continue
+            picked.append(rows[i])
+            budget -= rows[i].num_samples
+        log.info("validating on %d of %d utterances (%.1f of %.1f min; data.valid_seconds)",
+                 len(picked), len(rows), sum(r.num_samples for r in picked) / sample_rate / 60,
+                 total / 60)
+        rows = picked
+    return sorted(rows, key=lambda r: (-r.num_samples, r.id))
 
 
 def _trim(item: dict, seconds: float, sample_rate: int, samples_per_unit: int) -> dict:
@@ -334,7 +359,7 @@ def _plain(cfg: Any) -> Any:
 
 
 class PriorTask:
-    """The prior as a :class:`speechvq.training.Task` for :func:`speechvq.training.fit`.
+    """The prior as a :class:`speechvq.trainer.Task` for :func:`speechvq.training.fit`.
 
     Args:
         train, valid: id -> frame-level units (int arrays) of each split.
@@ -359,6 +384,9 @@ class PriorTask:
         block = self.model.config.block_size
         self.max_units = min(int(max_units or block), block)
         for split, units in (("train", train), ("valid", valid)):
+            flat = flat_sequences(list(units.values()))[0]  # one pass (960 h: 173 M units)
+            if not flat.size or (flat.min() >= 0 and flat.max() < n_codes):
+                continue
             bad = [i for i, u in units.items() if len(u) and (u.min() < 0 or u.max() >= n_codes)]
             if bad:
                 raise ValueError(f"{split} utterance {bad[0]!r} has units outside [0, {n_codes})"

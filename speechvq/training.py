@@ -1,19 +1,40 @@
-"""One fit loop for every speechvq model: the VQ-VAE now, the unit prior later.
+"""One fit loop for every speechvq model: the VQ-VAE and the unit prior.
 
-A model family plugs in through the small :class:`speechvq.tasks.Task` protocol; :func:`fit` does the rest:
+A model family plugs in through the small :class:`speechvq.trainer.Task` protocol (with the
+trainer config and the run folder's rules, in :mod:`speechvq.trainer`); :func:`fit` does the rest:
 AdamW/Adam with warmup + cosine (or constant) learning rate, gradient clipping, CUDA autocast
-(bf16, or fp16 with a GradScaler), ``torchrun`` DDP (gloo on CPU, nccl on GPU), a tqdm bar,
-TensorBoard scalars and media, validation, ``checkpoints/{last,best}.pt`` and exact resume.
+(bf16 where the GPU has it natively, else fp16 with a GradScaler: :mod:`speechvq.numerics`),
+``torchrun`` DDP (gloo on CPU, nccl on GPU, one node or many), a tqdm bar, TensorBoard scalars and
+media, validation, ``checkpoints/{last,best}.pt`` and exact resume.
+
+Data: one DataLoader for the whole run (:class:`speechvq.data.loader.TrainLoader`): its workers
+start once and stay up across epochs with batches in flight; validation batches are read once and
+replayed (:class:`speechvq.data.loader.ValidBatches`).
+
+The hot loop never waits for the GPU: losses and statistics are summed on the device and read
+every ``log_every`` steps (the only host-device synchronisation, with validation and saves);
+non-finite gradients skip the optimizer step on the device (:func:`speechvq.numerics.optimizer_step`)
+and are counted there; under DDP the ranks agree on a stop (signal, time limit) at log steps.
+
+Learning rate and ranks: ``trainer.batch_size`` is per rank, so N ranks train on N times the
+batch; ``trainer.lr`` is the rate for ``lr_base_batch`` (default: one rank's batch) and is scaled
+by ``(global batch / lr_base_batch) ** 0.5`` (``lr_scaling: sqrt``, the square-root rule for
+Adam-family optimizers; ``linear`` and ``none`` are there too).
 
 Exact resume: the order of training batches is a pure function of (seed, epoch, rank), the
 checkpoint stores the epoch and the batch offset inside it, every rank's RNG state, and the
 optimizer / scheduler / scaler state; validation and media run with the RNG state saved and put
-back, so when they happen cannot change the training run. A run of 2N steps and a run of N steps
-resumed to 2N end with the same weights. The train/* interval being averaged at a save is saved
+back, so when they happen cannot change the training run. On the CPU a run of 2N steps and a run
+of N steps resumed to 2N end with bitwise the same weights. On a GPU they start from bitwise the
+same state (weights, optimizer, RNG of the device in use, data order), but kernels that sum with
+atomics (cuDNN's backward convolutions, ``index_add_``) round in a different order on every run,
+so two GPU runs, resumed or not, drift apart at float precision: resume is exact in what it
+restores, not in the floats that follow. The train/* interval being averaged at a save is saved
 too, so a resumed run logs the TensorBoard points an uninterrupted one logs.
 
-Speed: the end of a run logs ``trained N steps in M min: X steps/s (first window: Y steps/s)``,
-and a run that falls below half the speed of its first window warns once (:class:`Throughput`).
+Speed: the end of a run logs ``trained N steps in M min: X steps/s (first window: Y steps/s)``
+and what validation cost; a run that falls below half the speed of its first window warns once
+(:class:`speechvq.runtime.Throughput`).
 
 One run per folder: :func:`fit` holds ``OUT/.lock`` (:func:`run_lock`) and a second run into the
 same folder is refused at once; temp files of killed checkpoint writes are removed at the start.
@@ -28,28 +49,27 @@ import math
 import signal
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from speechvq.checkpoint import (
-    OutputLock,
     capture_rng,
     clean_stale_temps,
+    first_difference,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
-from speechvq.data.dataset import train_batches, valid_batches
+from speechvq.data.loader import TrainLoader, ValidBatches
 from speechvq.files import write_error
+from speechvq.numerics import autocast_dtype, build_optimizer, optimizer_step, training_numerics
 from speechvq.runtime import (
     DistInfo,
     ReplicaDriftError,
@@ -59,9 +79,8 @@ from speechvq.runtime import (
     seed_everything,
     verify_replicas,
 )
-
-if TYPE_CHECKING:  # tasks.py imports fit from here
-    from speechvq.tasks import Task
+from speechvq.trainer import LOCK_FILE as LOCK_FILE  # noqa: F401 (re-exported)
+from speechvq.trainer import Task, TrainerConfig, TrainingError, lr_factor, resume_path, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -69,62 +88,7 @@ log = logging.getLogger(__name__)
 # (the model's own objective, without auxiliary heads trained on detached inputs), else "loss".
 CRITERION = "criterion"
 
-LOCK_FILE = ".lock"  # in the run folder: one writer per run (see run_lock)
-
-
-class TrainingError(Exception):
-    """A training run that cannot start or go on; the message says what to change."""
-
-
-@dataclass
-class TrainerConfig:
-    """``conf/trainer/*.yaml``: every key is required here, the defaults live in conf/."""
-
-    max_steps: int
-    max_minutes: float | None
-    batch_size: int
-    valid_batch_size: int | None  # None: batch_size
-    num_workers: int
-    optimizer: str  # adam | adamw
-    lr: float
-    betas: list
-    weight_decay: float
-    schedule: str  # constant | cosine
-    warmup_steps: int
-    decay_steps: int | None  # cosine length; None: max_steps
-    min_lr_ratio: float
-    grad_clip: float | None
-    precision: str  # auto | fp32 | bf16 | fp16
-    log_every: int
-    valid_every: int | None
-    valid_batches: int | None  # per rank; None: the whole validation set
-    media_every: int | None
-    save_every: int
-    broadcast_buffers: bool
-    find_unused_parameters: bool
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping) -> TrainerConfig:
-        given = dict(cfg)
-        names = {f.name for f in fields(cls)}
-        if unknown := sorted(set(given) - names):
-            raise TrainingError(f"trainer config: unknown key(s) {unknown}")
-        if missing := sorted(names - set(given)):
-            raise TrainingError(f"trainer config: missing key(s) {missing}")
-        tc = cls(**given)
-        tc.betas = list(tc.betas)
-        if tc.optimizer not in ("adam", "adamw"):
-            raise TrainingError(f"trainer.optimizer must be adam or adamw, not {tc.optimizer!r}")
-        if tc.schedule not in ("constant", "cosine"):
-            raise TrainingError(f"trainer.schedule must be constant or cosine, not {tc.schedule!r}")
-        if tc.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise TrainingError(
-                f"trainer.precision must be auto/fp32/bf16/fp16, not {tc.precision!r}"
-            )
-        return tc
-
-
-# --------------------------------------------------------------------------- batches
+BAD_STEPS = 20  # non-finite steps in a row that stop a run
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -137,54 +101,14 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-# --------------------------------------------------------------------------- optimisation
-
-
-def build_optimizer(model: nn.Module, tc: TrainerConfig) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    params = [p for p in model.parameters() if p.requires_grad]
-    return cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-
-
-def lr_factor(step: int, tc: TrainerConfig) -> float:
-    """Multiplier of ``trainer.lr`` at ``step``: linear warmup, then constant or cosine down to
-    ``min_lr_ratio`` at ``decay_steps`` (default ``max_steps``)."""
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    if tc.schedule == "constant":
-        return 1.0
-    total = tc.decay_steps or tc.max_steps
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, total - tc.warmup_steps))
-    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _precision(tc: TrainerConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    name = tc.precision
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 @contextlib.contextmanager
 def _rng_preserved(device: torch.device) -> Iterator[None]:
     """Run a block (validation, media) without moving the training RNG streams."""
-    state = capture_rng()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    state = capture_rng(device)
     try:
         yield
     finally:
-        restore_rng(state)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process stops cleanly after the
-    # current step, so data workers must not die under it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        restore_rng(state, device)
 
 
 class _StopFlag:
@@ -213,37 +137,33 @@ class _StopFlag:
                     signal.Signals(signum).name)
 
 
+class _Meter:
+    """Per-step scalars summed on the device, read (and averaged over ranks) when logged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.n = 0
+
+    def add(self, values: Mapping[str, Tensor]) -> None:
+        for key, value in values.items():
+            value = torch.as_tensor(value).detach().float().mean()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.n += 1
+
+    def pop(self) -> dict[str, Tensor]:
+        means = {k: v / self.n for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return means
+
+    def state(self) -> dict:
+        return {"acc": {k: v.detach().cpu() for k, v in self.sums.items()}, "n": self.n}
+
+    def load(self, state: Mapping, device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["acc"].items()}
+        self.n = int(state["n"])
+
+
 # --------------------------------------------------------------------------- the loop
-
-
-def run_lock(out_dir: str | Path, program: str | None = None) -> OutputLock:
-    """The lock that keeps a second run out of ``out_dir`` (``OUT/.lock``; see
-    :class:`speechvq.checkpoint.OutputLock`): :func:`fit` holds it, so do the CLIs from before
-    anything of the run folder is written."""
-    return OutputLock(Path(out_dir) / LOCK_FILE, out_dir, program)
-
-
-def resume_path(out_dir: str | Path, resume: bool | str | None) -> Path | None:
-    """The checkpoint a run into ``out_dir`` continues from (None: a fresh run), or the
-    :class:`TrainingError` refusing it: ``resume=False`` with a ``last.pt`` there, ``resume=True``
-    without one. Reads only: the CLIs call it before anything of the run is written."""
-    last = Path(out_dir) / "checkpoints" / "last.pt"
-    if isinstance(resume, str) and resume.lower() in ("true", "false", "auto"):
-        resume = {"true": True, "false": False, "auto": "auto"}[resume.lower()]
-    if resume is False or resume is None:
-        if last.exists():
-            raise TrainingError(
-                f"{last} already exists: pass resume=true to continue that run, or choose "
-                "another out_dir"
-            )
-        return None
-    if resume == "auto":
-        return last if last.exists() else None
-    if resume is True:
-        if not last.exists():
-            raise TrainingError(f"{last}: no checkpoint to resume from (resume=true)")
-        return last
-    return Path(resume)
 
 
 def fit(
@@ -290,104 +210,91 @@ def fit(
 
 
 class _Loop:
-    def __init__(
-        self, task: Task, tc: TrainerConfig, out_dir: Path, info: DistInfo, seed: int,
-        device: str, config: dict,
-    ) -> None:
+    def __init__(self, task: Task, tc: TrainerConfig, out_dir: Path, info: DistInfo, seed: int,
+                 device: str, config: dict) -> None:
         self.task, self.tc, self.info, self.seed, self.config = task, tc, info, seed, config
-        self.out_dir = out_dir
-        self.ckpt_dir = out_dir / "checkpoints"
+        self.out_dir, self.ckpt_dir = out_dir, out_dir / "checkpoints"
         self.device = resolve_device(device, info.local_rank)
-        self.dtype = _precision(tc, self.device)
+        self.dtype = autocast_dtype(tc.precision, self.device)
+        training_numerics(self.device, tc.tf32)
         self.raw = task.model.to(self.device)
         self.model: nn.Module = self.raw
-        self.optimizer = build_optimizer(self.raw, tc)
+        self.lr = tc.scaled_lr(info.world_size)
+        self.optimizer = build_optimizer(self.raw, tc.optimizer, self.lr, tuple(tc.betas),
+                                         tc.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, tc)
-        )
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.dtype == torch.float16 and self.device.type == "cuda"
-        )
+            self.optimizer, lambda s: lr_factor(s, tc))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best = math.inf
         self.valid_loss: float | None = None
         self.writer: SummaryWriter | None = None
-        self._acc: dict[str, Tensor] = {}
-        self._acc_n = 0
+        self.meter = _Meter()
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        # non-finite steps, counted on the device: total, current run, longest run since a log
+        self.bad = {"skipped": zero.clone(), "run": zero.clone(), "worst": zero.clone()}
         self._interval_loss: list[float] = []  # train-loss fallback for best.pt without valid_set
-        self._skipped = 0
-        self._bad_in_a_row = 0
         self._last_saved = -1
         self._last_train_loss: float | None = None
         self._t_log, self._s_log = 0.0, 0  # time and step of the last train/* log
+        self._valid: ValidBatches | None = None
+        self._valid_seconds = 0.0
         self.speed = Throughput(0, 0.0)  # restarted when the run starts
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                              enabled=self.dtype is not None)
 
     # ---- setup
     def _load(self, path: Path) -> dict:
-        ckpt = load_checkpoint(path, kind=self.task.kind,
-                               required=("optimizer", "scheduler", "rng"))
+        ckpt = load_checkpoint(path, kind=self.task.kind, required=("optimizer", "scheduler", "rng"))
         if ckpt["model_config"] != self.task.model_config:
             raise TrainingError(
                 f"{path}: its model_config differs from this run's "
-                f"({_first_difference(ckpt['model_config'], self.task.model_config)}); "
-                "resume with the same model/quantizer settings or start a new out_dir"
-            )
+                f"({first_difference(ckpt['model_config'], self.task.model_config)}); "
+                "resume with the same model/quantizer settings or start a new out_dir")
         self.raw.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self._apply_config_hyperparameters()
+        # the optimizer state carries the old run's lr/betas/weight decay: the config given now
+        # wins (identical values, so an unchanged config resumes bitwise)
+        self.scheduler.base_lrs = [self.lr for _ in self.optimizer.param_groups]
+        lr = self.lr * lr_factor(self.scheduler.last_epoch, self.tc)  # as LambdaLR computes it
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=self.lr, lr=lr, betas=tuple(self.tc.betas),
+                         weight_decay=self.tc.weight_decay)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
+        self.step, self.best = int(ckpt["step"]), float(ckpt.get("best", math.inf))
         self.epoch = int(ckpt.get("epoch", 0))
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
-        self.best = float(ckpt.get("best", math.inf))
         self._last_saved = self.step
         if self.info.is_main:
             log.info("resuming from %s at step %d (epoch %d, batch %d)", path, self.step,
                      self.epoch, self.batch_in_epoch)
         return ckpt
 
-    def _apply_config_hyperparameters(self) -> None:
-        """The optimizer state carries the old run's lr/betas/weight decay: the config given now
-        wins (identical values, so an unchanged config resumes bitwise)."""
-        self.scheduler.base_lrs = [self.tc.lr for _ in self.optimizer.param_groups]
-        lr = self.tc.lr * lr_factor(self.scheduler.last_epoch, self.tc)  # as LambdaLR computes it
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=self.tc.lr, lr=lr, betas=tuple(self.tc.betas),
-                         weight_decay=self.tc.weight_decay)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def _restore_rng(self, ckpt: dict) -> None:
+    def _restore(self, ckpt: dict) -> None:
+        """This rank's RNG streams and the train/* interval being accumulated at the save, so the
+        first point logged after a resume is the one an uninterrupted run logs."""
         states = ckpt["rng"]["ranks"]
         if len(states) == self.info.world_size:
-            restore_rng(states[self.info.rank])
+            restore_rng(states[self.info.rank], self.device)
         else:
             log.warning("checkpoint was written by %d ranks, this run has %d: RNG streams are "
                         "reseeded, the run will not be bitwise identical", len(states),
                         self.info.world_size)
-            restore_rng(states[0])
+            restore_rng(states[0], self.device)
             torch.manual_seed(self.seed + self.info.rank + 7919 * self.step)
-
-    def _log_state(self) -> dict:
-        """This rank's part of the running train/* interval (what the next log averages)."""
-        return {"acc": {k: torch.as_tensor(v).detach().cpu() for k, v in self._acc.items()},
-                "n": self._acc_n}
-
-    def _restore_log_state(self, ckpt: dict) -> None:
-        """Put back the interval being accumulated when the checkpoint was saved, so the first
-        train/* point after a resume is the one an uninterrupted run logs."""
         state = ckpt.get("train_log")
         if not state:  # a checkpoint from before train_log was saved
             return
-        ranks = state["ranks"]
-        if len(ranks) == self.info.world_size:
-            mine = ranks[self.info.rank]
-            self._acc = {k: v.to(self.device) for k, v in mine["acc"].items()}
-            self._acc_n = int(mine["n"])
+        if len(state["ranks"]) == self.info.world_size:
+            self.meter.load(state["ranks"][self.info.rank], self.device)
         self._interval_loss = [float(v) for v in state["interval_loss"]]
-        self._skipped = int(state["skipped"])
-        self._bad_in_a_row = int(state["bad_in_a_row"])
+        self.bad["skipped"].fill_(int(state["skipped"]))
+        self.bad["run"].fill_(int(state["bad_in_a_row"]))
 
     def _wrap_ddp(self) -> None:
         if not self.info.enabled:
@@ -396,30 +303,70 @@ class _Loop:
         # torch >= 2.12 renamed broadcast_buffers (buffers are synced at init either way)
         params = inspect.signature(ddp).parameters
         sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-        self.model = ddp(
-            self.raw,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.tc.find_unused_parameters,
-            **{sync: self.tc.broadcast_buffers},
-        )
+        self.model = ddp(self.raw, find_unused_parameters=self.tc.find_unused_parameters,
+                         device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                         **{sync: self.tc.broadcast_buffers})
+
+    def _start(self, path: Path | None) -> TrainLoader:
+        """Load ``path`` (or seed a fresh run), check the training set, open TensorBoard; the
+        loader of the rest of the run."""
+        ckpt = self._load(path) if path is not None else None
+        self._wrap_ddp()
+        if ckpt is not None:
+            self._restore(ckpt)
+            del ckpt
+        else:
+            seed_everything(self.seed + self.info.rank)
+        tc = self.tc
+        loader = TrainLoader(self.task.train_set, self.task.collate, tc.batch_size, self.seed,
+                             self.info.rank, self.info.world_size, self.epoch,
+                             self.batch_in_epoch, tc.num_workers, tc.prefetch_factor,
+                             pin_memory=self.device.type == "cuda")
+        n_train = len(self.task.train_set)  # type: ignore[arg-type]
+        if loader.per_epoch == 0:
+            raise TrainingError(
+                f"the training set has {n_train} items, fewer than batch_size "
+                f"({tc.batch_size}) x ranks ({self.info.world_size}): lower trainer.batch_size")
+        if not self.info.is_main:
+            return loader
+        for stale in clean_stale_temps(self.ckpt_dir):  # under the run lock: no live writer
+            log.info("removed %s, left by a checkpoint write that was killed", stale)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # events after the checkpoint's step were logged by the run that is being continued
+            # (and are logged again now); those at its step were logged before it was saved
+            self.writer = SummaryWriter(str(self.out_dir / "tb"),
+                                        purge_step=self.step + 1 if path is not None else None)
+        except OSError as err:
+            raise write_error(err, err.filename or self.out_dir / "tb") from None
+        log.info("training %s on %s (%s, %d rank(s)): %d items, %d steps per epoch, batch %d x "
+                 "%d, lr %.3g", self.task.kind, self.device, self.dtype or "fp32",
+                 self.info.world_size, n_train, loader.per_epoch, tc.batch_size,
+                 self.info.world_size, self.lr)
+        if self.task.valid_set is None:
+            log.info("no validation set: best.pt keeps the lowest training loss per interval")
+        return loader
 
     # ---- the run
     def run(self, resume: bool | str) -> dict:
         start_time = time.monotonic()
-        self._start(resume_path(self.out_dir, resume))
+        loader = self._start(resume_path(self.out_dir, resume))
         stopped = "max_steps" if self.step >= self.tc.max_steps else None
         bar = tqdm(total=self.tc.max_steps, initial=self.step, unit="step",
                    disable=not self.info.is_main, dynamic_ncols=True)
         with _StopFlag() as flag, logging_redirect_tqdm(), bar:
             self._t_log, self._s_log = time.monotonic(), self.step
             self.speed = Throughput(self.step, self._t_log)
-            while stopped is None:
-                stopped = self._run_epoch(flag, bar, start_time)
+            if stopped is None:
+                stopped = self._train(loader, flag, bar, start_time)
             if self._last_saved != self.step:
                 with self.speed.pause():
                     self._save(final=True)
             if self.info.is_main and self.step > self.speed.start_step:
                 log.info("%s", self.speed.summary(time.monotonic()))
+                spent = time.monotonic() - start_time
+                log.info("validation took %.1f s, %.1f%% of the run", self._valid_seconds,
+                         100 * self._valid_seconds / max(spent, 1e-9))
         if self.writer is not None:
             self.writer.close()
         if self.info.enabled:
@@ -433,50 +380,18 @@ class _Loop:
             "last": str(self.ckpt_dir / "last.pt"), "best_path": str(self.ckpt_dir / "best.pt"),
         }
 
-    def _start(self, path: Path | None) -> None:
-        """Load ``path`` (or seed a fresh run), check the training set, open TensorBoard."""
-        ckpt = self._load(path) if path is not None else None
-        self._wrap_ddp()
-        if ckpt is not None:
-            self._restore_rng(ckpt)
-            self._restore_log_state(ckpt)
-            del ckpt
-        else:
-            seed_everything(self.seed + self.info.rank)
-        n_train = len(self.task.train_set)  # type: ignore[arg-type]
-        per_epoch = len(train_batches(n_train, self.tc.batch_size, self.seed, 0, 0,
-                                      self.info.world_size))
-        if per_epoch == 0:
-            raise TrainingError(
-                f"the training set has {n_train} items, fewer than batch_size "
-                f"({self.tc.batch_size}) x ranks ({self.info.world_size}): lower trainer.batch_size"
-            )
-        if not self.info.is_main:
-            return
-        for stale in clean_stale_temps(self.ckpt_dir):  # under the run lock: no live writer
-            log.info("removed %s, left by a checkpoint write that was killed", stale)
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            # events after the checkpoint's step were logged by the run that is being continued
-            # (and are logged again now); those at its step were logged before it was saved
-            self.writer = SummaryWriter(str(self.out_dir / "tb"),
-                                        purge_step=self.step + 1 if path is not None else None)
-        except OSError as err:
-            raise write_error(err, err.filename or self.out_dir / "tb") from None
-        log.info("training %s on %s (%s, %d rank(s)): %d items, %d steps per epoch",
-                 self.task.kind, self.device, self.dtype or "fp32", self.info.world_size,
-                 n_train, per_epoch)
-        if self.task.valid_set is None:
-            log.info("no validation set: best.pt keeps the lowest training loss per interval")
-
-    def _run_epoch(self, flag: _StopFlag, bar: tqdm, start_time: float) -> str | None:
-        """Train through the rest of this epoch; the stop reason, or None at the epoch's end."""
-        for batch in self._epoch_loader():
-            if batch is None:  # every item unreadable (collate dropped them all)
-                self.batch_in_epoch += 1
+    def _train(self, loader: TrainLoader, flag: _StopFlag, bar: tqdm, start_time: float) -> str:
+        """Train until a stop; returns its reason."""
+        for epoch, position, batch in loader:
+            self.epoch, self.batch_in_epoch = epoch, position
+            if batch is not None:  # None: every item unreadable (collate dropped them all)
+                self._train_step(batch)
+                bar.update(1)
+            self.batch_in_epoch += 1
+            if self.batch_in_epoch == loader.per_epoch:
+                self.epoch, self.batch_in_epoch = epoch + 1, 0
+            if batch is None:
                 continue
-            self._train_step(batch)
-            bar.update(1)
             slow = self.speed.update(self.step, time.monotonic())
             if slow and self.info.is_main:
                 log.warning("%s", slow)
@@ -486,71 +401,48 @@ class _Loop:
                 self._log_train(bar, (self.step - self._s_log) / max(now - self._t_log, 1e-9))
                 self._t_log, self._s_log = now, self.step
             elif stopped:  # the interval goes on after a resume: it is saved, not logged
-                self._last_train_loss = self._reduce_means(
-                    {k: v / self._acc_n for k, v in self._acc.items()})["loss"]
+                means = {k: v / self.meter.n for k, v in self.meter.sums.items()}
+                self._last_train_loss = self._reduce_means(means)["loss"]
             with self.speed.pause():  # validation, media, checkpoints: not training speed
                 self._after_step(final=stopped is not None)
             if stopped:
                 return stopped
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        return None
-
-    def _epoch_loader(self) -> DataLoader:
-        n_items = len(self.task.train_set)  # type: ignore[arg-type]
-        batches = train_batches(n_items, self.tc.batch_size, self.seed, self.epoch,
-                                self.info.rank, self.info.world_size)
-        if hasattr(self.task.train_set, "set_epoch"):
-            self.task.train_set.set_epoch(self.epoch)
-        return DataLoader(
-            self.task.train_set,
-            batch_sampler=batches[self.batch_in_epoch :],
-            collate_fn=self.task.collate,
-            num_workers=self.tc.num_workers,
-            pin_memory=self.device.type == "cuda",
-            # its own generator: creating the iterator must not draw from the global RNG
-            generator=torch.Generator().manual_seed(self.seed + self.epoch),
-            worker_init_fn=_ignore_sigint,
-        )
+        raise AssertionError("the training loader ended")  # it never does: it walks the epochs
 
     def _train_step(self, batch: dict) -> None:
         self.model.train()
         batch = _to_device(batch, self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
-                            enabled=self.dtype is not None):
+        with self._autocast():
             out = self.task.step(self.model, batch)
-        loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(out["loss"]).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.tc.grad_clip if self.tc.grad_clip else math.inf
         grad_norm = nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
-        elif torch.isfinite(grad_norm):  # gradients are all-reduced: every rank agrees
-            self.optimizer.step()
-            self._bad_in_a_row = 0
         else:
-            self._skipped += 1
-            self._bad_in_a_row += 1
-            if self._bad_in_a_row >= 20:
-                raise TrainingError(f"loss/gradients not finite for 20 steps in a row at step "
-                                    f"{self.step}: lower trainer.lr or use trainer.precision=fp32")
+            finite = torch.isfinite(grad_norm)  # gradients are all-reduced: every rank agrees
+            optimizer_step(self.optimizer, finite)
+            bad = self.bad
+            bad["skipped"] += ~finite
+            bad["run"] = (bad["run"] + 1) * ~finite
+            bad["worst"] = torch.maximum(bad["worst"], bad["run"])
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        self.batch_in_epoch += 1
-        stats = {k: torch.as_tensor(v).detach().float().mean() for k, v in out.items()}
-        stats["grad_norm"] = grad_norm.detach().float()
-        for key, value in stats.items():
-            self._acc[key] = self._acc.get(key, 0.0) + value
-        self._acc_n += 1
+        self.meter.add({**out, "grad_norm": grad_norm})
 
     def _log_train(self, bar: tqdm, steps_per_sec: float) -> None:
-        means = self._reduce_means({k: v / self._acc_n for k, v in self._acc.items()})
-        self._acc, self._acc_n = {}, 0
+        means = self._reduce_means(self.meter.pop())
         self._last_train_loss = means["loss"]
         self._interval_loss.append(means.get(CRITERION, means["loss"]))
+        skipped, worst = int(self.bad["skipped"]), int(self.bad["worst"])
+        self.bad["worst"].zero_()
+        if worst >= BAD_STEPS:
+            raise TrainingError(f"loss/gradients not finite for {worst} steps in a row before "
+                                f"step {self.step}: lower trainer.lr or use "
+                                "trainer.precision=fp32")
         if self.writer is None:
             return
         for key, value in means.items():
@@ -558,14 +450,14 @@ class _Loop:
         self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
         self.writer.add_scalar("train/steps_per_sec", steps_per_sec, self.step)
         self.writer.add_scalar("train/epoch", self.epoch, self.step)
-        if self._skipped:
-            self.writer.add_scalar("train/skipped_steps", self._skipped, self.step)
+        if skipped:
+            self.writer.add_scalar("train/skipped_steps", skipped, self.step)
         if self.scaler.is_enabled():
             self.writer.add_scalar("train/grad_scale", self.scaler.get_scale(), self.step)
         bar.set_postfix(loss=f"{means['loss']:.4g}", refresh=False)
 
     def _reduce_means(self, values: dict[str, Tensor]) -> dict[str, float]:
-        """Average per-rank means across ranks; returns Python floats."""
+        """Average per-rank means across ranks; returns Python floats (waits for the device)."""
         keys = sorted(values)
         stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32,
                                                device=self.device) for k in keys])
@@ -582,7 +474,9 @@ class _Loop:
         if not code and self.tc.max_minutes is not None:
             if time.monotonic() - start_time >= 60 * self.tc.max_minutes:
                 code = 3
-        if self.info.enabled:  # ranks see signals and clocks at different moments: agree
+        if self.info.enabled:  # ranks see signals and clocks at different moments: they agree
+            if self.step % self.tc.log_every:  # at log steps only, not at every step
+                return None
             t = torch.tensor([code], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             code = int(t.item())
@@ -592,7 +486,9 @@ class _Loop:
         tc, s = self.tc, self.step
         improved = False
         if (tc.valid_every and s % tc.valid_every == 0) or (final and s >= tc.max_steps):
+            t0 = time.monotonic()
             improved = self._validate()
+            self._valid_seconds += time.monotonic() - t0
         if tc.media_every and s % tc.media_every == 0 and self.writer is not None:
             with _rng_preserved(self.device), torch.no_grad():
                 self.raw.eval()
@@ -619,42 +515,39 @@ class _Loop:
         return False
 
     def _valid_loss(self) -> float:
-        bs = self.tc.valid_batch_size or self.tc.batch_size
-        batches = valid_batches(len(self.task.valid_set), bs,  # type: ignore[arg-type]
-                                self.info.rank, self.info.world_size)
-        if self.tc.valid_batches:
-            batches = batches[: self.tc.valid_batches]
-        loader = DataLoader(self.task.valid_set, batch_sampler=batches,  # type: ignore[arg-type]
-                            collate_fn=self.task.collate, num_workers=self.tc.num_workers,
-                            generator=torch.Generator().manual_seed(0),
-                            worker_init_fn=_ignore_sigint)
+        if self._valid is None:
+            self._valid = ValidBatches(
+                self.task.valid_set, self.task.collate,  # type: ignore[arg-type]
+                self.tc.valid_batch_size or self.tc.batch_size, self.info.rank,
+                self.info.world_size, self.tc.valid_batches, self.tc.num_workers,
+                pin_memory=self.device.type == "cuda")
         sums: dict[str, Tensor] = {}
         count = 0
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False  # whole utterances: a new shape every batch
         with _rng_preserved(self.device):
             self.raw.eval()
-            for indices, batch in zip(batches, loader, strict=True):
+            for n, batch in self._valid:
                 if batch is None:  # every utterance of the batch unreadable
                     continue
-                batch = _to_device(batch, self.device)
-                n = len(indices)
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
-                                    enabled=self.dtype is not None):
-                    out = self.task.step(self.raw, batch)
+                with self._autocast():
+                    out = self.task.step(self.raw, _to_device(batch, self.device))
                 for key, value in out.items():
-                    value = torch.as_tensor(value).detach().float().mean()
-                    sums[key] = sums.get(key, 0.0) + value * n
+                    value = torch.as_tensor(value).detach().float().mean() * n
+                    sums[key] = sums[key] + value if key in sums else value
                 count += n
             self.raw.train()
+        torch.backends.cudnn.benchmark = benchmark
         means = self._reduce_means({k: v / max(count, 1) for k, v in sums.items()})
         self.valid_loss = means["loss"]
+        value = means.get(CRITERION, means["loss"])
         if self.writer is not None:
-            for key, value in means.items():
-                self.writer.add_scalar(f"valid/{key}", value, self.step)
-            value = means.get(CRITERION, means["loss"])
+            for key, mean in means.items():
+                self.writer.add_scalar(f"valid/{key}", mean, self.step)
             extra = f", {CRITERION} {value:.5g}" if value != means["loss"] else ""
             log.info("step %d: valid loss %.5g%s (best %.5g)", self.step, means["loss"], extra,
                      min(self.best, value))
-        return means.get(CRITERION, means["loss"])
+        return value
 
     def _save(self, best: bool = False, final: bool = False) -> None:
         """Write last.pt (or best.pt): collective under DDP (replica check, RNG gather)."""
@@ -662,34 +555,25 @@ class _Loop:
             replicas = verify_replicas(self.raw, self.info)
         except ReplicaDriftError as err:
             raise TrainingError(str(err)) from None
-        mine = {"rng": capture_rng(), "log": self._log_state()}
+        mine = {"rng": capture_rng(self.device), "log": self.meter.state()}
+        ranks: list[Any] = [mine]
         if self.info.enabled:
-            ranks: list[Any] = [None] * self.info.world_size
+            ranks = [None] * self.info.world_size
             dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
         if not self.info.is_main:
             self._last_saved = self.step if not best else self._last_saved
             return
         state = {
-            "kind": self.task.kind,
-            "model_config": self.task.model_config,
-            "meta": self.task.meta,
-            "model": self.raw.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "kind": self.task.kind, "model_config": self.task.model_config,
+            "meta": self.task.meta, "model": self.raw.state_dict(), "step": self.step,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"world_size": self.info.world_size, "ranks": [r["rng"] for r in ranks]},
             "train_log": {"ranks": [r["log"] for r in ranks], "interval_loss": self._interval_loss,
-                          "skipped": self._skipped, "bad_in_a_row": self._bad_in_a_row},
-            "best": self.best,
-            "valid_loss": self.valid_loss,
-            "replicas": replicas,
-            "trainer": dict(vars(self.tc)),
-            "config": self.config,
+                          "skipped": int(self.bad["skipped"]), "bad_in_a_row": int(self.bad["run"])},
+            "best": self.best, "valid_loss": self.valid_loss, "replicas": replicas,
+            "trainer": dict(vars(self.tc)), "config": self.config,
         }
         name = "best.pt" if best else "last.pt"
         save_checkpoint(self.ckpt_dir / name, state)
@@ -698,13 +582,3 @@ class _Loop:
         if self.writer is not None:
             self.writer.flush()
         log.debug("saved %s at step %d", self.ckpt_dir / name, self.step)
-
-
-def _first_difference(a: Any, b: Any, where: str = "model_config") -> str:
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for key in sorted(set(a) | set(b), key=str):
-            if key not in a or key not in b:
-                return f"{where}.{key} is only in one of them"
-            if a[key] != b[key]:
-                return _first_difference(a[key], b[key], f"{where}.{key}")
-    return f"{where}: {a!r} != {b!r}"

@@ -29,7 +29,7 @@ def _fail(args: list[str], cwd: Path) -> str:
         (["speechvq-train", "data.manifest=m.tsv"], "missing required value: out_dir="),
         (["speechvq-sample", "vqvae=v.pt", "out_dir=o"], "missing required value: prior_checkpoint="),
         (["speechvq-train", "data.manifest=m.tsv", "model=nope", "out_dir=o"],
-         "Could not find 'model/nope'; choose from mel, wave"),
+         "Could not find 'model/nope'; choose from mel, mel_large, wave"),
         (["speechvq-train", "data.manifest=m.tsv", "trainer.max_stepz=3", "out_dir=o"],
          "trainer.max_stepz"),
     ],

@@ -64,7 +64,7 @@ def test_torchrun_two_ranks_gloo(tmp_path: Path) -> None:
     # one TensorBoard writer (rank 0) and no per-rank hydra folders
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in out.iterdir()) == [
-        ".hydra", ".lock", "checkpoints", "stats.json", "tb", "train.log"]
+        ".hydra", ".lock", "checkpoints", "frontend_state.npz", "stats.json", "tb", "train.log"]
 
 
 def _drift_worker(rank: int, port: int, result_dir: str) -> None:

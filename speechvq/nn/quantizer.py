@@ -21,7 +21,15 @@ every statistic: k-means, EMA sums and counts, restart candidates, losses, perpl
 
 Under ``torch.distributed`` (only when initialised, world size > 1): k-means runs on rank 0 over
 frames gathered from every rank and is broadcast; EMA sums and counts are all-reduced; dead codes
-are decided and refilled on rank 0 and broadcast, so replicas' codebooks stay identical.
+are decided on rank 0 and refilled from its frames, broadcast, so replicas' codebooks stay
+identical.
+
+A training step never waits for the device: masks are weights, not boolean indexing; the EMA
+update of a step without valid frames is a no-op by arithmetic, not by a branch; dead codes are
+refilled with ``torch.where`` from one random valid frame per code (drawn with replacement), so
+their number never reaches the host. Only the k-means initialisation (once per run: the
+``inited`` buffer is read on the host until it is true, and again after a ``load_state_dict``)
+synchronises.
 """
 
 from __future__ import annotations
@@ -173,13 +181,6 @@ def nearest_codes(
     return out
 
 
-def sample_frames(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` random rows of x (N, D); with replacement only when N < n."""
-    if x.shape[0] >= n:
-        return x[torch.randperm(x.shape[0], device=x.device)[:n]]
-    return x[torch.randint(0, x.shape[0], (n,), device=x.device)]
-
-
 def kmeans_plusplus(x: torch.Tensor, n_clusters: int) -> torch.Tensor:
     """k-means++ seeding: each new centre is a frame drawn with probability proportional to its
     squared distance to the nearest centre so far. x: (N, D) -> (K, D)."""
@@ -217,6 +218,11 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the module
+
+
+def _forget_inited(module: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict`` the ``inited`` buffer may say otherwise: read it again."""
+    module._inited_seen = False
 
 
 class VectorQuantizer(nn.Module):
@@ -262,6 +268,8 @@ class VectorQuantizer(nn.Module):
             self.codebook = nn.Parameter(codebook)
         self.register_buffer("cluster_size", torch.ones(n_codes))
         self.register_buffer("inited", torch.tensor(not kmeans_init))
+        self._inited_seen = False  # ``inited`` read true on the host: no need to read it again
+        self.register_load_state_dict_post_hook(_forget_inited)
 
     # ---- lookup
 
@@ -312,51 +320,71 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
         self.inited.fill_(True)
+        self._inited_seen = True
 
     @torch.no_grad()
-    def update_codebook_(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def update_codebook_(self, x: torch.Tensor, indices: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
         """EMA of usage counts (and, under ``ema``, of code sums -> new codebook).
 
-        x: (N, D) valid frames, indices: (N,) their codes. Returns this step's counts (K,),
-        summed over ranks.
+        x: (N, D) frames, indices: (N,) their codes, weights: (N,) 1 for valid frames, 0 for
+        padding (default all valid). Returns this step's counts (K,), summed over ranks. A step
+        with no valid frame on any rank changes nothing.
         """
-        counts = torch.bincount(indices, minlength=self.n_codes).to(x.dtype)
-        sums = torch.zeros_like(self.codebook).index_add_(0, indices, x) if self.ema else None
-        _all_reduce_(counts, *([sums] if self.ema else []))
-        if counts.sum() == 0:  # no valid frame on any rank: nothing to learn from
-            return counts
-        self.cluster_size.lerp_(counts, 1 - self.decay)
+        if weights is None:
+            weights = x.new_ones(x.shape[0])
+        weights = weights.to(x.dtype)
+        counts = torch.zeros(self.n_codes, dtype=x.dtype, device=x.device)
+        counts.index_add_(0, indices, weights)
+        sums = None
         if self.ema:
-            self.embed_sum.lerp_(sums, 1 - self.decay)
+            frames = torch.where(weights[:, None] > 0, x, torch.zeros_like(x))
+            sums = torch.zeros_like(self.codebook).index_add_(0, indices, frames)
+        _all_reduce_(counts, *([sums] if self.ema else []))
+        learned = counts.sum() > 0
+        rate = torch.where(learned, 1.0 - self.decay, 0.0).to(x.dtype)
+        self.cluster_size.lerp_(counts, rate)
+        if self.ema:
+            self.embed_sum.lerp_(sums, rate)
             n = self.cluster_size.sum()
             smoothed = (self.cluster_size + self.epsilon) / (n + self.n_codes * self.epsilon) * n
-            self.codebook.copy_(self.embed_sum / smoothed[:, None])
+            self.codebook.copy_(torch.where(learned, self.embed_sum / smoothed[:, None],
+                                            self.codebook))
         return counts
 
     @torch.no_grad()
-    def expire_codes_(self, x: torch.Tensor) -> torch.Tensor:
-        """Restart codes whose EMA usage is below ``dead_threshold`` from random frames x (N, D).
+    def expire_codes_(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Restart codes whose EMA usage is below ``dead_threshold`` from random frames x (N, D)
+        (``weights`` (N,): 1 for valid frames, 0 for padding; default all valid).
 
-        Rank 0 decides and draws from its own frames; the result is broadcast. A restarted code
-        starts with usage ``dead_threshold``: it has the next step to attract frames (a code that
-        gets none is restarted again, from other frames).
-        Returns the number of dead codes found (a 0-d float tensor).
+        Rank 0 decides and draws one valid frame per code (with replacement); the result is
+        broadcast. A restarted code starts with usage ``dead_threshold``: it has the next step to
+        attract frames (a code that gets none is restarted again, from other frames). Nothing
+        is restarted when there is no valid frame. Returns the number of dead codes found (a
+        0-d float tensor), without waiting for it.
         """
         if self.dead_threshold <= 0:
             return self._dead()
         dead = (self.cluster_size < self.dead_threshold).to(torch.uint8)  # gloo has no bool
         _broadcast_(dead)
         dead = dead.bool()
-        n_dead = dead.sum()
-        if n_dead == 0:
-            return n_dead.float()
-        if _is_rank0() and x.shape[0] > 0:
-            self.codebook.data[dead] = sample_frames(x, int(n_dead))
-            self.cluster_size[dead] = self.dead_threshold
+        if weights is None:
+            weights = x.new_ones(x.shape[0])
+        valid = (weights > 0).to(torch.long)
+        n_valid = valid.sum()
+        if x.shape[0] > 0:
+            # the k-th valid frame for k uniform in [0, n_valid): no boolean indexing, no sync
+            k = (torch.rand(self.n_codes, device=x.device) * n_valid).long()
+            pick = torch.searchsorted(valid.cumsum(0), k + 1).clamp(max=x.shape[0] - 1)
+            refill = dead & (n_valid > 0)
+            thr = torch.full_like(self.cluster_size, self.dead_threshold)
+            self.codebook.data.copy_(torch.where(refill[:, None], x[pick], self.codebook.data))
+            self.cluster_size.copy_(torch.where(refill, thr, self.cluster_size))
             if self.ema:
-                self.embed_sum[dead] = self.codebook[dead] * self.dead_threshold
+                self.embed_sum.copy_(torch.where(refill[:, None], self.codebook * thr[:, None],
+                                                 self.embed_sum))
         _broadcast_(self.codebook.data, self.cluster_size, *([self.embed_sum] if self.ema else []))
-        return n_dead.float()
+        return dead.sum().float()
 
     # ---- forward
 
@@ -376,19 +404,19 @@ class VectorQuantizer(nn.Module):
             valid = torch.ones(B * T, dtype=torch.bool, device=z.device)
             if mask is not None:
                 valid = mask.reshape(B * T).to(torch.bool)
-            x_valid = x.detach()[valid]
-            if self.training and not bool(self.inited):
-                self.init_codebook_(x_valid)
+            weights = valid.to(x.dtype)
+            if self.training and not self._is_inited():
+                self.init_codebook_(x.detach()[valid])  # once per run: may wait for the device
 
             indices = self.quantize(x)
             q = self.dequantize(indices)
             losses = self._losses(x, q, valid)
 
             if self.training:
-                counts = self.update_codebook_(x_valid, indices[valid])
-                dead = self.expire_codes_(x_valid)
+                counts = self.update_codebook_(x.detach(), indices, weights)
+                dead = self.expire_codes_(x.detach(), weights)
             else:
-                counts = torch.bincount(indices[valid], minlength=self.n_codes).float()
+                counts = torch.zeros(self.n_codes, device=x.device).index_add_(0, indices, weights)
                 dead = self._dead()
             losses.update(
                 perplexity=perplexity(counts),
@@ -400,6 +428,12 @@ class VectorQuantizer(nn.Module):
             z_q = q.detach() + (x - x.detach())
             z_q = z_q.view(B, T, D).transpose(1, 2)
         return z_q, indices.view(B, T), losses
+
+    def _is_inited(self) -> bool:
+        """Whether the codebook was initialised (reads the buffer until it is true)."""
+        if not self._inited_seen:
+            self._inited_seen = bool(self.inited)
+        return self._inited_seen
 
     def _dead(self) -> torch.Tensor:
         return (self.cluster_size < self.dead_threshold).sum().float()
