@@ -103,7 +103,7 @@ def cell(value: float | None, width: int, digits: int) -> str:
     return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--frames", type=int, default=50_000)
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--tie-rtol", type=float, default=1e-5)
     ap.add_argument("--block-rows", type=int, default=None,
                     help="nearest_codes' rows per block (default: its own choice for K)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     if faiss is not None:

@@ -25,7 +25,9 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from speechvq.audio import load_audio, save_audio  # noqa: E402
-from speechvq.checkpoint import save_checkpoint  # noqa: E402
+from speechvq.checkpoint import VQVAEMeta, save_checkpoint  # noqa: E402
 from speechvq.data.manifest import ManifestRow  # noqa: E402
 from speechvq.extract import ChunkedEncoder, ModelInput, extract_units  # noqa: E402
 from speechvq.features import FeatureStats, Moments, build_logmel  # noqa: E402
@@ -80,6 +82,26 @@ def source_audio(seconds: float) -> np.ndarray:
     return np.concatenate(pieces)[: int(seconds * SR)].astype(np.float32)
 
 
+def make_corpus(folder: Path, minutes: float, corpus_minutes: float
+                ) -> tuple[FeatureStats, torch.Tensor, list[ManifestRow], Path]:
+    """The inputs, written to ``folder``: ``(stats, calib, rows, long_path)``: global log-mel
+    statistics and the audio they and the codebooks are fitted on (the first minute), manifest
+    rows of ``corpus_minutes`` of 10-s utterances and a file of ``minutes`` of audio."""
+    audio = source_audio(max(minutes, corpus_minutes) * 60)
+    features = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
+    calib = torch.from_numpy(audio[: 60 * SR])
+    feats = build_logmel(features)(calib)
+    stats = FeatureStats(features, Moments(feats.mean(1), feats.std(1), feats.shape[1]), {})
+    rows = []
+    for i in range(int(corpus_minutes * 6)):
+        path = folder / f"utt{i:03d}.flac"
+        save_audio(path, audio[i * 10 * SR : (i + 1) * 10 * SR], SR)
+        rows.append(ManifestRow(f"utt{i:03d}", str(path), 10 * SR, "bench"))
+    long_path = folder / "long.flac"
+    save_audio(long_path, audio[: int(minutes * 60 * SR)], SR)
+    return stats, calib, rows, long_path
+
+
 def build_checkpoint(kind: str, path: Path, stats: FeatureStats, calib: torch.Tensor) -> None:
     cfg = OmegaConf.create({
         "features": OmegaConf.load(CONF / "features" / "logmel.yaml"),
@@ -98,8 +120,8 @@ def build_checkpoint(kind: str, path: Path, stats: FeatureStats, calib: torch.Te
     save_checkpoint(path, {
         "kind": "vqvae",
         "model_config": {"model": cfg["model"], "quantizer": cfg["quantizer"], "n_speakers": 1},
-        "meta": {"speakers": ["bench"], "stats": stats.to_dict(), "features": features,
-                 "unit_rate": model.unit_rate, "n_codes": model.n_codes},
+        "meta": VQVAEMeta.from_dict({"speakers": ["bench"], "stats": stats.to_dict(),
+                                     "features": features}, model).to_dict(),
         "model": model.state_dict(),
         "step": 0,
     })
@@ -110,9 +132,9 @@ def _setup(ckpt: str, threads: int, chunk_seconds: float = 30.0):
     if sys.platform == "linux":  # a spawned phase would otherwise spawn its loader workers too
         mp.set_start_method("fork", force=True)
     model, meta = load_vqvae(ckpt)
-    stats = FeatureStats.from_dict(meta["stats"])
+    stats = FeatureStats.from_dict(meta.stats)
     make_input = ModelInput(model.kind, model.samples_per_unit, model.sample_rate,
-                            meta["features"], stats, chunk_seconds=chunk_seconds)
+                            meta.features, stats, chunk_seconds=chunk_seconds)
     encoder = ChunkedEncoder(model, chunk_seconds=chunk_seconds, context_seconds=None,
                              max_batch_seconds=60.0)
     return model, make_input, encoder
@@ -157,21 +179,39 @@ def phase_long_whole(ckpt: str, path: str, threads: int, chunked: str, seconds: 
 
 
 def _child(queue, fn, args) -> None:
-    queue.put(fn(*args))
+    try:
+        queue.put((True, fn(*args)))
+    except BaseException:
+        queue.put((False, traceback.format_exc()))
+        raise
 
 
 def run_phase(fn, *args) -> dict:
-    """``fn(*args)`` in a fresh (non-daemonic: it may start loader workers) process."""
+    """``fn(*args)`` in a fresh (non-daemonic: it may start loader workers) process. A phase that
+    raises, or dies without a result (killed for memory), is a RuntimeError here, not a hang."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, args))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            ok, result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive():
+                try:  # its result may have arrived as it exited
+                    ok, result = queue.get(timeout=1.0)
+                    break
+                except Empty:
+                    raise RuntimeError(f"{fn.__name__} died (exit code {proc.exitcode}) "
+                                       "without a result") from None
     proc.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its process:\n{result}")
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1],
@@ -180,25 +220,12 @@ def main() -> None:
     parser.add_argument("--corpus-minutes", type=float, default=5.0, help="RTF corpus length")
     parser.add_argument("--wave-whole-minutes", type=float, default=5.0)
     parser.add_argument("--models", nargs="+", default=["mel", "wave"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"speechvq extraction benchmark: {args.threads} threads, {os.cpu_count()} CPUs visible, "
           f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        audio = source_audio(max(args.minutes, args.corpus_minutes) * 60)
-        logmel = build_logmel(OmegaConf.to_container(OmegaConf.load(CONF / "features" /
-                                                                     "logmel.yaml")))
-        calib = torch.from_numpy(audio[: 60 * SR])
-        feats = logmel(calib)
-        features = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))
-        stats = FeatureStats(features, Moments(feats.mean(1), feats.std(1), feats.shape[1]), {})
-        rows = []
-        for i in range(int(args.corpus_minutes * 6)):
-            path = tmp / f"utt{i:03d}.flac"
-            save_audio(path, audio[i * 10 * SR : (i + 1) * 10 * SR], SR)
-            rows.append(ManifestRow(f"utt{i:03d}", str(path), 10 * SR, "bench"))
-        long_path = tmp / "long.flac"
-        save_audio(long_path, audio[: int(args.minutes * 60 * SR)], SR)
+        stats, calib, rows, long_path = make_corpus(tmp, args.minutes, args.corpus_minutes)
         for kind in args.models:
             ckpt = tmp / f"{kind}.pt"
             build_checkpoint(kind, ckpt, stats, calib)

@@ -23,12 +23,12 @@ from speechvq.audio import load_audio
 from speechvq.pitch import F0_MAX, F0_MIN, _pyworld
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True)
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--sample-rate", type=int, default=16000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sr, hop = args.sample_rate, args.sample_rate // 100
     paths = sorted(p for p in Path(args.root).rglob("*") if p.suffix.lower() in (".wav", ".flac"))
     wavs = [load_audio(p, sr).double().numpy() for p in paths[: args.files]]
@@ -56,7 +56,7 @@ def main() -> None:
         speed = seconds / (time.perf_counter() - start)
         voiced = ("-" if name.startswith("torchaudio") else
                   f"{np.mean([float((t > 0).mean()) for t in tracks]):.2f}")
-        print(f"{name:36s} {speed:8.1f}x real time   voiced share {voiced}")
+        print(f"{name:36s} {speed:9.3f}x real time   voiced share {voiced}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from speechvq.checkpoint import VQVAEMeta
 from speechvq.features import FeatureStats, Moments
 from speechvq.prior import build_prior, sample_units
 from speechvq.synthesis import Synthesizer
@@ -49,7 +50,8 @@ def build_models(device: torch.device):
     typical = Moments(torch.full((n_mels,), -6.0), torch.full((n_mels,), 2.0), 1)
     speakers = [f"spk{i}" for i in range(N_SPEAKERS)]
     stats = FeatureStats(plain["features"], typical, {s: typical for s in speakers})
-    meta = {"speakers": speakers, "stats": stats.to_dict(), "features": plain["features"]}
+    meta = VQVAEMeta.from_dict({"speakers": speakers, "stats": stats.to_dict(),
+                                "features": plain["features"]}, vqvae)
     synth = Synthesizer(vqvae.to(device), meta, _load("vocoder", "griffin_lim.yaml"),
                         source="benchmark")
     prior = build_prior(_load("prior", "default.yaml"), vqvae.n_codes, N_SPEAKERS)
@@ -93,13 +95,13 @@ def end_to_end(synth: Synthesizer, prior, seconds: float, device: torch.device) 
             "rtf": total / seconds}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     synth, prior = build_models(device)

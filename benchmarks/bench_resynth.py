@@ -323,7 +323,7 @@ def table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="utterances scored (default: all)")
     parser.add_argument("--out", help="where the table and figures go (default: beside the "
                         "checkpoint's experiment)")
-    args, overrides = bench_units.parse_with_overrides(parser)
+    args, overrides = bench_units.parse_with_overrides(parser, argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.checkpoint:
         if not args.manifest:

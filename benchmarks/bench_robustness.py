@@ -56,12 +56,12 @@ def _encode(rows: list[ManifestRow], model, meta: VQVAEMeta) -> dict[str, np.nda
     return extract_units(rows, make_input, ChunkedEncoder(model, 30.0, None, 60.0), progress=False).units
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_vqvae(args.checkpoint)

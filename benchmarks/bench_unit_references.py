@@ -183,14 +183,14 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        run()
+        run(argv)
     except (ValueError, OSError, CheckpointError, AudioError) as err:  # names the file
         raise SystemExit(f"bench_unit_references: {err}") from None
 
 
-def run() -> None:
+def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="bench_units.py's folder (data/ inside)")
@@ -203,7 +203,7 @@ def run() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="JSON of every row (default: beside the checkpoint's "
                         "experiment, bench_unit_references.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data = Path(args.work) / "data"
     start = time.perf_counter()
     synth = Synthesizer.from_checkpoint(args.checkpoint)

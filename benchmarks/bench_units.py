@@ -148,23 +148,25 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, source: Any) -> None
     parser.add_argument("--force", action="store_true", help="redo every stage")
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
-    """Parse; the arguments left over must be ``key=value`` training overrides."""
-    args, overrides = parser.parse_known_args()
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``argv`` (default: the command line); the arguments left over must be ``key=value``
+    training overrides."""
+    args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         parser.error(f"unknown arguments {bad} (training overrides are key=value)")
     return args, overrides
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_protocol_arguments(parser, parser.add_mutually_exclusive_group(required=True))
     parser.add_argument("--eval-split", choices=("test", "all"), default="test",
                         help="units evaluated: the held-out test split (the protocol), or every "
                         "utterance (a larger sample for comparing variants on a small corpus)")
-    args, overrides = parse_with_overrides(parser)
+    args, overrides = parse_with_overrides(parser, argv)
     if not args.work:
         parser.error("--work is required")
     work = Path(args.work)

@@ -32,7 +32,7 @@ from speechvq.vocoder import griffin_lim
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a speechvq-prepare output folder")
     parser.add_argument("--minutes", type=float, default=8.0)
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--mel-weight", type=float, default=15.0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     rng = random.Random(0)
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "features" / "logmel.yaml"))

@@ -119,3 +119,39 @@ def test_bench_loader_runs(tmp_path):
     assert "validation: 2 utterances" in out
     result = __import__("json").loads((tmp_path / "w" / "bench_loader.json").read_text())
     assert result["plain"]["device"] > 0 and result["gpu"][0]["kernels"] > 100
+
+
+def test_bench_cost_runs(tmp_path):
+    """benchmarks/bench_cost.py, whose estimate table the README cites, with tiny arguments."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import soundfile as sf
+
+    root = tmp_path / "flac"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        t = np.arange(int(16000 * (1.5 + i * 0.5))) / 16000
+        wav = 0.2 * np.sin(2 * np.pi * (110 + 30 * i) * t) + 0.01 * rng.standard_normal(t.size)
+        sf.write(root / f"{200 + i}-1-000{i}.flac", wav.astype(np.float32), 16000)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cost.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--root", str(root), "--files", "3", "--crops", "4",
+         "--models", "mel", "--priors", "default"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "measured on 3 LibriSpeech files" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ESTIMATES" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| -1 download (published archive sizes)",
+        "| 0 prepare (scan, stats of 20 utterances per speaker, front-end states; `num_workers` = "
+        "the cores)",
+        "| 1 train `model=mel` (0.78 M), 100k steps of 64 crops per GPU",
+        "| 2 extract every utterance once, `model=mel` (decode + features on the cores, encoder on "
+        "the GPU)",
+        "| 4 prior `prior=default` (4.1 M), 20k steps of 16384 units per GPU"]
+    assert all(r.count(" | ") == 3 and "steps/s" in r for r in rows[2:3] + rows[4:])
