@@ -12,7 +12,8 @@ Shared fixtures (factories where a test needs variants):
 - ``tiny_vqvae_cfg(kind, n_codes, ...)``: the ``features``/``model``/``quantizer`` groups of
   ``conf/`` shrunk to a model that builds and runs in milliseconds;
 - ``save_vqvae(path, model, cfg, speakers, stats)``: a VQ-VAE checkpoint in the contract's format
-  (:class:`speechvq.checkpoint.VQVAEMeta`, the project's own checkpoint writer).
+  (:class:`speechvq.checkpoint.VQVAEMeta`, the project's own checkpoint writer);
+- ``command_stubs(folder, *names, env=None)``: logging stand-ins for commands (recipes' tests).
 """
 
 from __future__ import annotations
@@ -211,3 +212,26 @@ def run_cli() -> Callable[..., Any]:
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def command_stubs() -> Callable[..., tuple[dict[str, str], Path]]:
+    """``make(folder, *names, env=None) -> (env, log)``: executables ``names`` in ``folder`` that
+    append one line per call (the name and its arguments) to ``log``; ``env`` (default
+    ``os.environ``) with ``folder`` and this Python's bin first on PATH."""
+    import sys
+
+    def make(folder: Path, *names: str, env: dict[str, str] | None = None
+             ) -> tuple[dict[str, str], Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / "calls.log"
+        for name in names:
+            stub = folder / name
+            stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n')
+            stub.chmod(0o755)
+        env = dict(os.environ if env is None else env)
+        env["PATH"] = os.pathsep.join([str(folder), str(Path(sys.executable).parent),
+                                       env.get("PATH", "")])
+        return env, log
+
+    return make

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from speechvq.checkpoint import load_checkpoint
@@ -22,40 +23,28 @@ TRAIN = Path(sys.executable).with_name("speechvq-train")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stubs(folder: Path, *names: str) -> tuple[dict, Path]:
-    """Logging stand-ins for commands (one line per call: name and arguments) first on PATH."""
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "calls.log"
-    for name in names:
-        stub = folder / name
-        stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n')
-        stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{folder}{os.pathsep}{Path(sys.executable).parent}"
-                                 f"{os.pathsep}{os.environ.get('PATH', '')}"}
-    return env, log
-
-
-def _train_sh(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-    env, log = _stubs(tmp_path / "bin", "torchrun", "speechvq-train")
+def _train_sh(stubs: Callable, tmp_path: Path, *args: str
+              ) -> tuple[subprocess.CompletedProcess, list[str]]:
+    env, log = stubs(tmp_path / "bin", "torchrun", "speechvq-train")
     proc = subprocess.run([str(REPO / "recipes" / "train.sh"), "--manifest", "m.tsv", "--out",
                            str(tmp_path / "exp"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     return proc, (log.read_text().splitlines() if log.exists() else [])
 
 
-def test_launcher_one_process_one_node_and_several_nodes(tmp_path: Path) -> None:
+def test_launcher_one_process_one_node_and_several_nodes(tmp_path: Path, command_stubs) -> None:
     bin_train = tmp_path / "bin" / "speechvq-train"
-    proc, calls = _train_sh(tmp_path / "one")
+    proc, calls = _train_sh(command_stubs, tmp_path / "one")
     assert proc.returncode == 0, proc.stderr
     assert calls[0].startswith("speechvq-train data.manifest=m.tsv model=mel")  # no torchrun
-    proc, calls = _train_sh(tmp_path, "--nproc", "4")
+    proc, calls = _train_sh(command_stubs, tmp_path, "--nproc", "4")
     assert proc.returncode == 0, proc.stderr
     assert calls == [f"torchrun --standalone --nproc_per_node=4 {bin_train} data.manifest=m.tsv "
                      f"model=mel out_dir={tmp_path / 'exp'} resume=auto"]
     for rank in ("0", "1"):  # every node runs the same command, bar its rank
         (tmp_path / "bin" / "calls.log").unlink()
         (tmp_path / "exp" / ".done.train").unlink()  # as if the nodes ran at the same time
-        proc, calls = _train_sh(tmp_path, "--nproc", "8", "--nnodes", "2", "--node-rank", rank,
+        proc, calls = _train_sh(command_stubs, tmp_path, "--nproc", "8", "--nnodes", "2", "--node-rank", rank,
                                 "--rdzv-endpoint", "node01:29500", "--rdzv-id", "job7",
                                 "trainer=gpu")
         assert proc.returncode == 0, proc.stderr
@@ -65,22 +54,23 @@ def test_launcher_one_process_one_node_and_several_nodes(tmp_path: Path) -> None
             f"data.manifest=m.tsv model=mel out_dir={tmp_path / 'exp'} resume=auto trainer=gpu"]
     # node 1 wrote the marker last, and it is node 0's too: a re-run skips on every node
     for rank in ("0", "1"):
-        proc, calls = _train_sh(tmp_path, "--nproc", "8", "--nnodes", "2", "--node-rank", rank,
+        proc, calls = _train_sh(command_stubs, tmp_path, "--nproc", "8", "--nnodes", "2", "--node-rank", rank,
                                 "--rdzv-endpoint", "node01:29500", "--rdzv-id", "job7",
                                 "trainer=gpu")
         assert "done, skipping" in proc.stderr and len(calls) == 1
-    proc, calls = _train_sh(tmp_path / "anon", "--nnodes", "2", "--rdzv-endpoint", "h:1")
+    proc, calls = _train_sh(command_stubs, tmp_path / "anon", "--nnodes", "2", "--rdzv-endpoint", "h:1")
     assert proc.returncode == 0 and calls[0].startswith(  # no rank given: c10d numbers the nodes
         "torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=h:1 "
         f"--rdzv-id=speechvq {tmp_path / 'anon' / 'bin' / 'speechvq-train'} ")
 
 
-def test_launcher_refuses_several_nodes_without_an_endpoint(tmp_path: Path) -> None:
-    proc, calls = _train_sh(tmp_path, "--nnodes", "2", "--nproc", "8")
+def test_launcher_refuses_several_nodes_without_an_endpoint(tmp_path: Path,
+                                                           command_stubs) -> None:
+    proc, calls = _train_sh(command_stubs, tmp_path, "--nnodes", "2", "--nproc", "8")
     assert proc.returncode == 1 and not calls
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "--nnodes 2 needs --rdzv-endpoint HOST:PORT" in errors[0]
-    proc, calls = _train_sh(tmp_path, "--nnodes", "two")
+    proc, calls = _train_sh(command_stubs, tmp_path, "--nnodes", "two")
     assert proc.returncode == 1 and "--nnodes takes a positive number" in proc.stderr
 
 

@@ -264,19 +264,6 @@ def test_mini_recipe_runs_to_the_listening_pages(tmp_path):
 # --- egs/librispeech/run.sh with logging stand-ins for the speechvq-* commands -----------------
 
 
-def _stub_env(folder: Path, *names: str) -> tuple[dict[str, str], Path]:
-    """``names`` as logging stand-ins (one line per call: name and arguments), first on PATH."""
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "calls.log"
-    for name in names:
-        stub = folder / name
-        stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n')
-        stub.chmod(0o755)
-    env = _env()
-    env["PATH"] = f"{folder}{os.pathsep}{env['PATH']}"
-    return env, log
-
-
 def _manifests(work: Path, **splits: list[str]) -> None:
     from speechvq.data.manifest import ManifestRow, write_manifest
 
@@ -285,13 +272,13 @@ def _manifests(work: Path, **splits: list[str]) -> None:
                        [ManifestRow(i, f"/audio/{i}.flac", 16000, i.split("-")[0]) for i in ids])
 
 
-def test_librispeech_stage2_encodes_each_subset_once_and_merges_splits(tmp_path):
+def test_librispeech_stage2_encodes_each_subset_once_and_merges_splits(tmp_path, command_stubs):
     """Subsets a and b, train = a + b, valid = b: a and b are extracted once each, train is
     merged from their unit files (not extracted again), valid is b's file itself."""
     work = tmp_path / "work"
     a, b = ["1-1-0", "1-1-1"], ["2-1-0", "3-1-0"]
     _manifests(work, a=a, b=b, train=a + b, valid=b)
-    env, log = _stub_env(tmp_path / "bin", "speechvq-extract")
+    env, log = command_stubs(tmp_path / "bin", "speechvq-extract", env=_env())
     cmd = [str(RUN), "--stage", "2", "--stop-stage", "2", "--subsets", "a b", "--exp-dir", "exp"]
     out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -309,12 +296,13 @@ def test_librispeech_stage2_encodes_each_subset_once_and_merges_splits(tmp_path)
     assert log.read_text().splitlines() == calls  # nothing ran again
 
 
-def test_librispeech_stage4_gets_the_trainer_and_the_launch(tmp_path):
+def test_librispeech_stage4_gets_the_trainer_and_the_launch(tmp_path, command_stubs):
     """--trainer gpu, --nproc and --nnodes reach the prior's training as they reach the VQ-VAE's."""
     work = tmp_path / "work"
     a = ["1-1-0", "1-1-1"]
     _manifests(work, a=a, train=a, manifest=a)
-    env, log = _stub_env(tmp_path / "bin", "speechvq-train-prior", "torchrun")
+    env, log = command_stubs(tmp_path / "bin", "speechvq-train-prior", "torchrun",
+                             env=_env())
     prior = tmp_path / "bin" / "speechvq-train-prior"
     base = [str(RUN), "--stage", "4", "--stop-stage", "4", "--subsets", "a", "--exp-dir", "exp"]
 
