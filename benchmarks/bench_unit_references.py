@@ -4,12 +4,17 @@ classifier trained on the phones.
 
     python benchmarks/bench_unit_references.py --work /tmp/bench_units/realdev \
         --checkpoint /tmp/bench_units/realdev/exp/checkpoints/best.pt
+    python benchmarks/bench_unit_references.py --work /tmp/bench_units/realdev \
+        --extra-train /tmp/bigreal/wav --checkpoint /tmp/bench_units/realdev/exp_bigreal/checkpoints/best.pt
 
 ``--work`` is a folder ``bench_units.py`` prepared (``data/`` with ``train.tsv``, ``test.tsv``,
 ``manifest.tsv`` and ``alignments/``). Every unsupervised reference is K-means with K clusters
 (the checkpoint's number of codes) fitted on the train split at the model's unit rate, with the
 baseline's settings (standardised features, MiniBatchKMeans, one seed), and scored by PNMI and
-phone purity on the test split and on all utterances (``bench_units.py --eval-split all``):
+phone purity on the test split and on all utterances (``bench_units.py --eval-split all``).
+``--extra-train DIR`` (as ``bench_units.py``'s, which prepares it once) fits every k-means on the
+train split plus every utterance of DIR, the audio the model trained on; the labelled corpus is
+scored as before, and the supervised reference still learns from the train split's phones:
 
 - **speechvq units**: the checkpoint's nearest codes (what ``speechvq-extract`` writes);
 - **k-means of speechvq's encoder**: its latents before the quantizer, clustered afresh;
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,6 +55,9 @@ from speechvq.data.alignments import frame_labels, load_alignments, match_alignm
 from speechvq.data.manifest import read_manifest
 from speechvq.metrics import SILENCE, labelled_frames, purity_pnmi
 from speechvq.synthesis import Synthesizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_units  # noqa: E402  (the --extra-train corpus: one preparation for both scripts)
 
 Features = dict[str, np.ndarray]  # utterance id -> (U, D) float32
 
@@ -200,6 +209,8 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalties", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
                         help="duration penalties, in median frame distances (0: none)")
     parser.add_argument("--no-supervised", action="store_true", help="skip the MLP reference")
+    parser.add_argument("--extra-train", metavar="DIR", help="unlabelled audio the model also "
+                        "trained on (bench_units.py --extra-train): the references fit on it too")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="JSON of every row (default: beside the checkpoint's "
                         "experiment, bench_unit_references.json)")
@@ -209,19 +220,23 @@ def run(argv: list[str] | None = None) -> None:
     synth = Synthesizer.from_checkpoint(args.checkpoint)
     model, rate, k = synth.vqvae, synth.unit_rate, synth.n_codes
     rows_all = read_manifest(data / "manifest.tsv")
-    train_ids = {r.id for r in read_manifest(data / "train.tsv")}
+    train_manifest = bench_units.prepare_extra(
+        argparse.Namespace(extra_train=args.extra_train, force=False), data, Path(args.work))
+    train_ids = {r.id for r in read_manifest(train_manifest)}
     test_ids = {r.id for r in read_manifest(data / "test.tsv")}
+    labelled = {r.id for r in rows_all}
+    extra_rows = [r for r in read_manifest(train_manifest) if r.id not in labelled]
     alignments = match_alignments(load_alignments(data / "alignments"), rows_all)
     if not alignments:
         raise SystemExit(f"bench_unit_references: no utterance of {data / 'manifest.tsv'} has an "
                          f"alignment in {data / 'alignments'} (prepare with bench_units.py "
                          "--alignments)")
-    synth.add_speakers(rows_all)
+    synth.add_speakers(rows_all + extra_rows)
     mfcc = MfccUnitsFeatures(synth.features, rate, 13, "mean")
     latents: Features = {}
     base: Features = {}
-    speakers = {r.id: r.speaker for r in rows_all}
-    for row in tqdm(rows_all, desc="features", unit="utt"):
+    speakers = {r.id: r.speaker for r in rows_all + extra_rows}
+    for row in tqdm(rows_all + extra_rows, desc="features", unit="utt"):
         try:
             wav = load_audio(row.path, synth.sample_rate)
         except AudioError as err:  # reported and left out of every row
@@ -233,7 +248,7 @@ def run(argv: list[str] | None = None) -> None:
             z = model.quantizer._prepare(model.encoder(x)[0].T)
         latents[row.id] = z.numpy()
         base[row.id] = mfcc(wav)[: len(z)]
-    keys = list(latents)
+    keys = [key for key in latents if key in labelled]  # scored; the k-means fit on train_ids
     codes = model.quantizer.decode_codes().double()
     results: dict[str, dict[str, float]] = {}
 
@@ -272,7 +287,9 @@ def run(argv: list[str] | None = None) -> None:
     for name, fig in results.items():
         print(f"| {name} | {_fmt(fig['pnmi_test'])} | {_fmt(fig['pnmi_all'])} | "
               f"{_fmt(fig['purity_test'])} | {_fmt(fig['segments_per_frame'], 2)} |")
-    print(f"\n{len(keys)} utterances ({len(test_ids)} test), K = {k}, {rate:g} Hz; "
+    fitted = sum(1 for key in latents if key in train_ids)
+    print(f"\n{len(keys)} utterances ({len(test_ids)} test), K = {k}, {rate:g} Hz, k-means "
+          f"fitted on {fitted} ({train_manifest}); "
           f"{time.perf_counter() - start:.0f} s; written {out}")
 
 

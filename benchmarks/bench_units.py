@@ -3,13 +3,21 @@
     python benchmarks/bench_units.py --root ../shared/realdev/wav --alignments ../shared/realdev/ali \
         --minutes 15 --work /tmp/bench_units/realdev
     python benchmarks/bench_units.py --mini --minutes 15 --work /tmp/bench_units/mini
+    python benchmarks/bench_units.py --root ../shared/realdev/wav --alignments ../shared/realdev/ali \
+        --extra-train /tmp/bigreal/wav --minutes 15 --work /tmp/bench_units/realdev --exp exp_bigreal
 
 1. ``speechvq-prepare data=folder`` (or ``data=mini``): split by utterance, every speaker in every
    split (``--valid``/``--test`` fractions), alignments matched to the utterances.
 2. ``speechvq-train`` with the defaults on the (unlabelled) train split for ``--minutes`` minutes
    (or ``--steps``), validation on the valid split; the steps reached and steps/s are printed.
+   ``--extra-train DIR`` (any folder of audio, e.g. bigreal's ``wav/``; speaker = the file's
+   folder) adds every utterance of DIR to the training audio: DIR is prepared once into
+   ``WORK/extra_<name>/`` (``speechvq-prepare data=folder``, no split) and the training manifest
+   becomes ``WORK/train_<name>/train.tsv``, the train split plus all of DIR (with the front-end
+   states of both). The labelled corpus keeps its split: validation and scoring are unchanged.
 3. ``speechvq-extract`` the test split with ``best.pt``.
-4. ``speechvq-evaluate`` against the phones, with MFCC + k-means fitted on the same train split,
+4. ``speechvq-evaluate`` against the phones, with MFCC + k-means fitted on exactly the audio the
+   model trained on (the train split, plus DIR with ``--extra-train``),
    as many clusters as units used, at the same rate (``--eval-split all``: the units of every
    utterance instead of the test split's, to compare variants on a larger sample).
 5. A table: each metric for both systems and their ratio (speechvq / MFCC + k-means).
@@ -34,6 +42,8 @@ from typing import Any
 import torch
 
 from speechvq.baseline import ROWS
+from speechvq.data.manifest import read_manifest, write_manifest
+from speechvq.stats import STATE_FILE, StateStore
 
 # the metrics compared, in this order; labels and scales are speechvq-evaluate's (baseline.ROWS)
 KEYS = ("pnmi", "phone_purity", "abx_within_codevec", "abx_across_codevec", "abx_within",
@@ -74,7 +84,40 @@ def prepare(args: argparse.Namespace, data: Path, need_alignments: bool = True) 
         sys.exit(f"{data}/alignments: no alignments were found for the corpus")
 
 
-def train(args: argparse.Namespace, data: Path, exp: Path, overrides: list[str]) -> dict:
+def prepare_extra(args: argparse.Namespace, data: Path, work: Path) -> Path:
+    """The training manifest: ``data/train.tsv``, or with ``--extra-train DIR`` the train split
+    plus every utterance of DIR (prepared once, see the module docstring)."""
+    if not args.extra_train:
+        return data / "train.tsv"
+    root = Path(args.extra_train).resolve()
+    if not root.is_dir():
+        sys.exit(f"--extra-train {root}: not a folder")
+    extra, merged = work / f"extra_{root.name}", work / f"train_{root.name}"
+    if not (extra / "manifest.tsv").exists() or args.force:
+        _run([_tool("speechvq-prepare"), "data=folder", f"data.root={root}", "data.speaker=parent",
+              "data.split.by=none", f"out_dir={extra}"], extra / "bench_prepare.log")
+    out = merged / "train.tsv"
+    if out.exists() and not args.force:
+        print(f"prepare: {out} exists, reused")
+        return out
+    own, more = read_manifest(data / "train.tsv"), read_manifest(extra / "manifest.tsv")
+    clash = sorted({r.id for r in own} & {r.id for r in more})
+    if clash:
+        sys.exit(f"--extra-train {root}: {len(clash)} utterance id(s) also in the labelled corpus "
+                 f"(e.g. {clash[0]!r}): the same audio cannot be both trained on and scored")
+    stores = [StateStore.load(d / STATE_FILE) for d in (data, extra) if (d / STATE_FILE).exists()]
+    merged.mkdir(parents=True, exist_ok=True)
+    if stores:  # what the two prepares measured, so that training measures nothing again
+        StateStore.concat(stores).save(merged / STATE_FILE)
+    write_manifest(out, own + more)
+    minutes = sum(r.num_samples for r in more) / 16000 / 60
+    print(f"prepare: {out}: {len(own)} train-split utterances + {len(more)} of {root} "
+          f"({minutes:.1f} min)")
+    return out
+
+
+def train(args: argparse.Namespace, data: Path, exp: Path, overrides: list[str],
+          train_manifest: Path | None = None) -> dict:
     ckpt = exp / "checkpoints" / "best.pt"
     timing = exp / "bench_train.json"
     if ckpt.exists() and timing.exists() and not args.force:
@@ -84,20 +127,25 @@ def train(args: argparse.Namespace, data: Path, exp: Path, overrides: list[str])
         shutil.rmtree(exp)
     limit = ([f"trainer.max_steps={args.steps}"] if args.steps
              else [f"trainer.max_minutes={args.minutes}"])
-    cmd = [_tool("speechvq-train"), f"data.manifest={data / 'train.tsv'}",
+    manifest = train_manifest or data / "train.tsv"
+    cmd = [_tool("speechvq-train"), f"data.manifest={manifest}",
            f"data.valid_manifest={data / 'valid.tsv'}", f"out_dir={exp}", f"seed={args.seed}",
            "trainer.valid_every=1000", *limit, *overrides]
     start = time.perf_counter()
     _run(cmd, exp / "bench_train.log")
     seconds = time.perf_counter() - start
     last = torch.load(exp / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    rows = read_manifest(manifest)
     info = {"steps": int(last["step"]), "seconds": seconds,
-            "steps_per_second": int(last["step"]) / max(seconds, 1e-9), "overrides": overrides}
+            "steps_per_second": int(last["step"]) / max(seconds, 1e-9), "overrides": overrides,
+            "train_manifest": str(manifest), "train_utterances": len(rows),
+            "train_hours": sum(r.num_samples for r in rows) / 16000 / 3600}
     timing.write_text(json.dumps(info, indent=1) + "\n")
     return info
 
 
-def evaluate(args: argparse.Namespace, data: Path, exp: Path) -> dict:
+def evaluate(args: argparse.Namespace, data: Path, exp: Path,
+             train_manifest: Path | None = None) -> dict:
     split = args.eval_split
     manifest = data / ("manifest.tsv" if split == "all" else f"{split}.tsv")
     units = exp / "units" / f"{split}.txt"
@@ -108,7 +156,8 @@ def evaluate(args: argparse.Namespace, data: Path, exp: Path) -> dict:
           f"data.manifest={manifest}", f"out={units}", "force=true"],
          exp / f"bench_extract_{split}.log")
     _run([_tool("speechvq-evaluate"), f"units={units}", f"alignments={data / 'alignments'}",
-          f"data.manifest={manifest}", f"baseline.train_manifest={data / 'train.tsv'}",
+          f"data.manifest={manifest}",
+          f"baseline.train_manifest={train_manifest or data / 'train.tsv'}",
           f"out={out}"], exp / f"bench_evaluate_{split}.log")
     return json.loads(out.read_text())
 
@@ -127,6 +176,11 @@ def table(report: dict, info: dict) -> str:
         lines.append(f"{label:32s}{a * scale:12.3f}{fb}{ratio}")
     lines.append(f"training: {info['steps']} steps in {info['seconds'] / 60:.1f} min "
                  f"({info['steps_per_second']:.2f} steps/s, incl. start-up and validation)")
+    if "train_utterances" in info:
+        lines.append(f"training audio (the model's and the baseline's): "
+                     f"{info['train_utterances']} utterances, {info['train_hours'] * 60:.2f} min "
+                     f"({Path(info['train_manifest']).parent.name}/"
+                     f"{Path(info['train_manifest']).name})")
     return "\n".join(lines)
 
 
@@ -145,6 +199,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser, source: Any) -> None
     parser.add_argument("--valid", type=float, default=0.1)
     parser.add_argument("--test", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra-train", metavar="DIR", help="a folder of unlabelled audio added "
+                        "to the training audio of the model and of the baseline")
     parser.add_argument("--force", action="store_true", help="redo every stage")
 
 
@@ -173,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     data, exp = work / "data", work / args.exp
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     prepare(args, data)
-    info = train(args, data, exp, overrides)
-    report = evaluate(args, data, exp)
+    train_manifest = prepare_extra(args, data, work)
+    info = train(args, data, exp, overrides, train_manifest)
+    report = evaluate(args, data, exp, train_manifest)
     text = table(report, info)
     (exp / f"bench_units_{args.eval_split}.txt").write_text(text + "\n")
     print(text)

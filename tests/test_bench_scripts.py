@@ -333,7 +333,8 @@ def test_bench_unit_references(capsys, tmp_path, mini_work):
         pnmi_test, = _grab(out, rf"^\| {re.escape(name)} \| {NUM} \|")
         assert pnmi_test == pytest.approx(fig["pnmi_test"], abs=5e-4)
     assert 0 <= rows["supervised MLP, its phone decisions as units"]["frame_accuracy"] <= 1
-    _grab(out, rf"^12 utterances \(4 test\), K = 32, 50 Hz; {NUM} s; written ")
+    _grab(out, rf"^12 utterances \(4 test\), K = 32, 50 Hz, k-means fitted on 8 \(.*train\.tsv\); "
+               rf"{NUM} s; written ")
 
 
 UNITS_ARGS = ["--steps", "2", "--valid", "0.25", "--test", "0.25", "trainer.batch_size=4",
@@ -398,3 +399,34 @@ def test_bench_vocoder(capsys, mini_work):
     for name in ("ISTFT vocoder", "Griffin-Lim"):
         stoi, mcd = _grab(out, rf"^{re.escape(name)} +STOI {NUM}, MCD {NUM} dB")
         assert 0 <= stoi <= 1 and mcd > 0
+
+
+@pytest.mark.slow
+def test_extra_training_audio_reaches_the_model_the_baseline_and_the_references(
+        capsys, tmp_path, mini_work, passive_omp):
+    """--extra-train DIR: the model and MFCC + k-means train on the train split plus DIR, the
+    labelled corpus keeps its split; bench_unit_references fits its k-means on the same audio."""
+    extra = tmp_path / "more"
+    clips = sorted((mini_work / "wav").rglob("*.flac"))[:2]
+    for i, clip in enumerate(clips):  # the same voices under other names: a new "speaker"
+        (extra / "newcomer").mkdir(parents=True, exist_ok=True)
+        shutil.copy(clip, extra / "newcomer" / f"more{i}.flac")
+    work = tmp_path / "work"
+    out = _run_main(capsys, "bench_units", "--root", mini_work / "wav", "--work", work,
+                    "--extra-train", extra, *UNITS_ARGS)
+    train = read_manifest(work / "data" / "train.tsv")
+    merged = work / "train_more" / "train.tsv"
+    ids = [r.id for r in read_manifest(merged)]
+    assert ids == [r.id for r in train] + ["newcomer_more0", "newcomer_more1"]
+    assert (work / "train_more" / "frontend_state.npz").is_file()  # both corpora's states
+    n, minutes = _grab(out, rf"^training audio \(the model's and the baseline's\): {NUM} "
+                            rf"utterances, {NUM} min \(train_more/train\.tsv\)$")
+    assert n == len(train) + 2 and minutes > 0
+    report = json.loads((work / "exp" / "eval" / "test.json").read_text())
+    assert report["baseline"]["train_manifest"] == str(merged.resolve())
+    assert {r.id for r in read_manifest(work / "data" / "test.tsv")}.isdisjoint(ids)
+    out = _run_main(capsys, "bench_unit_references", "--work", work, "--extra-train", extra,
+                    "--checkpoint", work / "exp" / "checkpoints" / "best.pt", "--context", 1,
+                    "--penalties", 0, "--no-supervised", "--out", tmp_path / "refs.json")
+    _grab(out, rf"^12 utterances \({NUM} test\), K = 16, 50 Hz, k-means fitted on "
+               rf"{len(train) + 2} \(.*train_more/train\.tsv\); {NUM} s; written ")
