@@ -31,8 +31,10 @@ scored as before, and the supervised reference still learns from the train split
   its decisions as units (one per phone) and k-means of its posteriors (fitted on the train
   split, K clusters). It shows what the features hold when the phones are known.
 
-Silence frames are left out of PNMI and purity, as ``speechvq-evaluate`` does. ABX is not
-computed here (``bench_units.py`` gives it for the model and the baseline).
+Silence frames are left out of PNMI and purity, as ``speechvq-evaluate`` does. Each unsupervised
+row also gets ZeroSpeech 2019's code-vector ABX (within and across speakers) on all utterances,
+as ``speechvq-evaluate`` computes it (same triplets, ``speechvq.metrics.abx``): a unit is its code
+vector, a cluster its centroid in the space k-means was fitted in (``--no-abx`` skips it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +56,14 @@ from speechvq.baseline import MfccUnitsFeatures, fit_kmeans
 from speechvq.checkpoint import CheckpointError
 from speechvq.data.alignments import frame_labels, load_alignments, match_alignments
 from speechvq.data.manifest import read_manifest
-from speechvq.metrics import SILENCE, labelled_frames, purity_pnmi
+from speechvq.metrics import (
+    SILENCE,
+    abx,
+    abx_items,
+    angular_distances,
+    labelled_frames,
+    purity_pnmi,
+)
 from speechvq.synthesis import Synthesizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -130,8 +140,24 @@ class Kmeans:
         return torch.cdist(z, self.centroids) ** 2
 
 
+class CodevecAbx:
+    """Code-vector ABX of units over all utterances (``speechvq-evaluate``'s triplets and
+    sampling): ``__call__(units, embeddings (K, D))`` -> ``{"abx_within_codevec",
+    "abx_across_codevec"}`` (fractions)."""
+
+    def __init__(self, alignments: Mapping, rate: float, n_frames: Mapping[str, int],
+                 speakers: Mapping[str, str]) -> None:
+        self.items = abx_items(alignments, rate, n_frames, speakers)
+
+    def __call__(self, units: Mapping[str, np.ndarray], embeddings: np.ndarray
+                 ) -> dict[str, float]:
+        got = abx(units, self.items, distances=angular_distances(np.asarray(embeddings)))
+        return {"abx_within_codevec": got["abx_within"], "abx_across_codevec": got["abx_across"]}
+
+
 def scored(units: Mapping[str, np.ndarray], alignments: Mapping, rate: float,
-           test_ids: set[str]) -> dict[str, float]:
+           test_ids: set[str], codevec: CodevecAbx | None = None,
+           embeddings: np.ndarray | None = None) -> dict[str, float]:
     out = {}
     for split, keep in (("test", lambda k: k in test_ids), ("all", lambda k: True)):
         u, labels, _ = labelled_frames({k: v for k, v in units.items() if keep(k)}, alignments,
@@ -141,13 +167,17 @@ def scored(units: Mapping[str, np.ndarray], alignments: Mapping, rate: float,
     lengths = [len(v) for v in units.values() if len(v)]
     changes = [1 + int(np.sum(np.diff(v) != 0)) for v in units.values() if len(v)]
     out["segments_per_frame"] = sum(changes) / sum(lengths)
+    if codevec is not None and embeddings is not None:
+        out.update(codevec(units, embeddings))
     return out
 
 
 def smoothed_rows(name: str, distances: Callable[[str], torch.Tensor], keys: list[str],
-                  penalties: list[float], alignments: Mapping, rate: float, test_ids: set[str]
+                  penalties: list[float], alignments: Mapping, rate: float, test_ids: set[str],
+                  codevec: CodevecAbx | None = None, embeddings: Any = None
                   ) -> dict[str, dict[str, float]]:
-    """One row per penalty (0: nearest centroid) for a system given by its frame distances."""
+    """One row per penalty (0: nearest centroid) for a system given by its frame distances;
+    ``embeddings`` (K, D): its units' vectors, for code-vector ABX."""
     dist = {k: distances(k) for k in keys}
     nearest = np.concatenate([d.min(1).values.numpy() for d in dist.values() if len(d)])
     scale = float(np.median(nearest))
@@ -155,7 +185,7 @@ def smoothed_rows(name: str, distances: Callable[[str], torch.Tensor], keys: lis
     for p in penalties:
         units = {k: duration_penalised(d, p * scale) for k, d in dist.items()}
         label = name if p == 0 else f"{name}, duration-penalised ({p:g} x median distance)"
-        rows[label] = scored(units, alignments, rate, test_ids)
+        rows[label] = scored(units, alignments, rate, test_ids, codevec, embeddings)
     return rows
 
 
@@ -209,6 +239,7 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalties", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0],
                         help="duration penalties, in median frame distances (0: none)")
     parser.add_argument("--no-supervised", action="store_true", help="skip the MLP reference")
+    parser.add_argument("--no-abx", action="store_true", help="skip code-vector ABX")
     parser.add_argument("--extra-train", metavar="DIR", help="unlabelled audio the model also "
                         "trained on (bench_units.py --extra-train): the references fit on it too")
     parser.add_argument("--seed", type=int, default=0)
@@ -250,6 +281,8 @@ def run(argv: list[str] | None = None) -> None:
         base[row.id] = mfcc(wav)[: len(z)]
     keys = [key for key in latents if key in labelled]  # scored; the k-means fit on train_ids
     codes = model.quantizer.decode_codes().double()
+    codevec = None if args.no_abx else CodevecAbx(
+        alignments, rate, {key: len(latents[key]) for key in keys}, speakers)
     results: dict[str, dict[str, float]] = {}
 
     def add(rows: dict[str, dict[str, float]]) -> None:
@@ -260,20 +293,20 @@ def run(argv: list[str] | None = None) -> None:
 
     add(smoothed_rows("speechvq units", lambda key: torch.cdist(
         torch.from_numpy(latents[key]).double(), codes) ** 2, keys, args.penalties, alignments,
-        rate, test_ids))
+        rate, test_ids, codevec, codes.numpy()))
     km = Kmeans(latents, train_ids, k, args.seed)
     add(smoothed_rows("k-means of speechvq's encoder", lambda key: km.distances(latents[key]),
-                      keys, [0.0], alignments, rate, test_ids))
+                      keys, [0.0], alignments, rate, test_ids, codevec, km.centroids.numpy()))
     km = Kmeans(base, train_ids, k, args.seed)
     add(smoothed_rows("MFCC + k-means (the baseline)", lambda key: km.distances(base[key]), keys,
-                      args.penalties, alignments, rate, test_ids))
+                      args.penalties, alignments, rate, test_ids, codevec, km.centroids.numpy()))
     normalised = speaker_normalised(base, speakers, train_ids)
     for context in [0, *args.context]:
         feats = stack_context(normalised, context)
         km = Kmeans(feats, train_ids, k, args.seed)
         name = "MFCC, speaker-normalised" + (f", +-{context} units stacked" if context else "")
         add(smoothed_rows(name + ", + k-means", lambda key, f=feats, m=km: m.distances(f[key]),
-                          keys, [0.0], alignments, rate, test_ids))
+                          keys, [0.0], alignments, rate, test_ids, codevec, km.centroids.numpy()))
     if not args.no_supervised:
         feats = stack_context(normalised, max([0, *args.context]))
         add(supervised_rows(feats, alignments, rate, train_ids, test_ids, k, args.seed))
@@ -282,11 +315,14 @@ def run(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "k": k, "unit_rate": rate,
                                "rows": results}, indent=1) + "\n")
-    print("\n| reference | PNMI (test) | PNMI (all) | phone purity (test) | segments per frame |")
-    print("|---|---|---|---|---|")
+    print("\n| reference | PNMI (test) | PNMI (all) | phone purity (test) | segments per frame | "
+          "ABX within, code vectors (%, all) | ABX across, code vectors (%, all) |")
+    print("|---|---|---|---|---|---|---|")
     for name, fig in results.items():
+        within, across = (fig.get(f"abx_{m}_codevec") for m in ("within", "across"))
         print(f"| {name} | {_fmt(fig['pnmi_test'])} | {_fmt(fig['pnmi_all'])} | "
-              f"{_fmt(fig['purity_test'])} | {_fmt(fig['segments_per_frame'], 2)} |")
+              f"{_fmt(fig['purity_test'])} | {_fmt(fig['segments_per_frame'], 2)} | "
+              f"{_fmt(within and within * 100, 2)} | {_fmt(across and across * 100, 2)} |")
     fitted = sum(1 for key in latents if key in train_ids)
     print(f"\n{len(keys)} utterances ({len(test_ids)} test), K = {k}, {rate:g} Hz, k-means "
           f"fitted on {fitted} ({train_manifest}); "

@@ -95,6 +95,30 @@ class MfccUnitsFeatures:
             feats = feats.permute(0, 2, 1).reshape(-1, n_units)
         return feats.T.contiguous().numpy().astype(np.float32)
 
+    @torch.no_grad()
+    def batch(self, wavs: torch.Tensor) -> torch.Tensor:
+        """``wavs (B, T)`` -> ``(B, U, D)`` float32 tensor on their device: each row as
+        ``__call__`` makes it (up to float rounding), in one pass (training targets,
+        :mod:`speechvq.targets`)."""
+        self.mfcc = self.mfcc.to(wavs.device)
+        rows = wavs.shape[0]
+        n_frames = wavs.shape[-1] // self.hop
+        n_units = n_frames // self.factor
+        if n_units == 0:
+            return wavs.new_zeros(rows, 0, self.dim, dtype=torch.float32)
+        x = F.pad(wavs.float().reshape(rows, 1, -1), (self.pad_left, self.pad_right),
+                  mode="reflect")
+        # (B, 1, T): one channel each, so MFCC's 80 dB floor is each row's own (as one by one)
+        mfcc = self.mfcc(x)[:, 0, :, :n_frames]  # (B, n_mfcc, F)
+        delta = torchaudio.functional.compute_deltas(mfcc)
+        feats = torch.cat([mfcc, delta, torchaudio.functional.compute_deltas(delta)], 1)
+        feats = feats[..., : n_units * self.factor].reshape(rows, -1, n_units, self.factor)
+        if self.pool == "mean":
+            feats = feats.mean(-1)
+        else:
+            feats = feats.permute(0, 1, 3, 2).reshape(rows, -1, n_units)
+        return feats.transpose(1, 2).contiguous()
+
     @property
     def dim(self) -> int:
         n = 3 * self.mfcc.n_mfcc
@@ -380,7 +404,18 @@ def _select(
 
 
 def load_codebook(path: str | Path) -> np.ndarray:
-    """The code vectors ``(K, D)`` of a VQ-VAE checkpoint, as its quantizer looks them up."""
+    """The code vectors ``(K, D)`` of a VQ-VAE checkpoint, as its quantizer looks them up, or of a
+    ``.npy`` file holding them (row ``i``: unit ``i``'s vector; another system's codes or
+    centroids)."""
+    if Path(path).suffix == ".npy":
+        try:
+            codebook = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable .npy array ({err})") from None
+        if codebook.ndim != 2 or not np.issubdtype(codebook.dtype, np.number) or not len(codebook):
+            raise ValueError(f"{path}: a codebook is a (K, D) array of numbers, this one is "
+                             f"{codebook.dtype} {codebook.shape}")
+        return codebook.astype(np.float64)
     model, _ = load_vqvae(path, map_location="cpu")
     return model.quantizer.decode_codes().double().numpy()
 

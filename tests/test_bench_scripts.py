@@ -29,6 +29,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from speechvq.data.manifest import ManifestRow, read_manifest, write_manifest
 
@@ -330,7 +331,9 @@ def test_bench_unit_references(capsys, tmp_path, mini_work):
         assert 0 < fig["segments_per_frame"] <= 1, name
         if not name.startswith("supervised"):
             assert 0 <= fig["pnmi_all"] <= 1, name
-        pnmi_test, = _grab(out, rf"^\| {re.escape(name)} \| {NUM} \|")
+            for key in ("abx_within_codevec", "abx_across_codevec"):  # NaN: no triplet here
+                assert math.isnan(fig[key]) or 0 <= fig[key] <= 1, (name, key)
+        pnmi_test, = _grab(out, rf"^\| {re.escape(name)} \| {NUM} \|.* \| \S+ \| \S+ \|$")
         assert pnmi_test == pytest.approx(fig["pnmi_test"], abs=5e-4)
     assert 0 <= rows["supervised MLP, its phone decisions as units"]["frame_accuracy"] <= 1
     _grab(out, rf"^12 utterances \(4 test\), K = 32, 50 Hz, k-means fitted on 8 \(.*train\.tsv\); "
@@ -430,3 +433,63 @@ def test_extra_training_audio_reaches_the_model_the_baseline_and_the_references(
                     "--penalties", 0, "--no-supervised", "--out", tmp_path / "refs.json")
     _grab(out, rf"^12 utterances \({NUM} test\), K = 16, 50 Hz, k-means fitted on "
                rf"{len(train) + 2} \(.*train_more/train\.tsv\); {NUM} s; written ")
+
+
+def test_vqcpc_negatives_are_the_same_speakers_steps_at_other_times():
+    bench_vqcpc = _script("bench_vqcpc")
+    s, u, length = 3, 4, 7
+    speaker = torch.arange(s).view(s, 1, 1).expand(s, u, length)
+    time = torch.arange(length).view(1, 1, length).expand(s, u, length)
+    target = torch.stack([speaker, time], -1).float()  # (S, U, L, 2): who, when
+    neg = bench_vqcpc.same_speaker_negatives(target, 17, torch.Generator().manual_seed(0))
+    assert neg.shape == (s, u, 17, length, 2)
+    assert torch.equal(neg[..., 0], speaker[:, :, None].expand(-1, -1, 17, -1).float())
+    assert (neg[..., 1] != time[:, :, None].float()).all()  # never the step being predicted
+    assert len(torch.unique(neg[..., 1])) == length  # every other step can be drawn
+
+
+def test_vqcpc_codebook_follows_its_frames_and_loss_trains():
+    bench_vqcpc = _script("bench_vqcpc")
+    torch.manual_seed(0)
+    book = bench_vqcpc.EmaCodebook(n_codes=4, dim=2, decay=0.0)
+    x = torch.tensor([[10.0, 0.0], [12.0, 0.0], [0.0, -10.0]])
+    book.codes.copy_(torch.tensor([[9.0, 0.0], [0.0, -9.0], [50.0, 50.0], [-50.0, 50.0]]))
+    q, commit, idx = book(x)
+    assert idx.tolist() == [0, 0, 1]
+    assert torch.allclose(book.codes[:2], torch.tensor([[11.0, 0.0], [0.0, -10.0]]), atol=1e-3)
+    assert commit > 0
+    model = bench_vqcpc.VQCPC(n_mels=8, channels=16, z_dim=8, c_dim=16, n_codes=16, steps=2,
+                              negatives=3)
+    mels = torch.randn(4, 8, 32)
+    valid = torch.ones(4, 16, dtype=torch.bool)
+    valid[3, 10:] = False
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, fig = model.loss(mels, valid, n_speakers=2, generator=torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] and 0 <= fig["accuracy"] <= 1
+    assert model.units(mels).shape == (4, 16)
+
+
+@pytest.mark.slow
+def test_bench_vqcpc(capsys, units_run, mini_work, passive_omp):
+    """The VQ-CPC reference on bench_units' prepared folder: trains, extracts, is scored."""
+    work, _ = units_run
+    out = _run_main(capsys, "bench_vqcpc", "--root", mini_work / "wav", "--work", work,
+                    "--steps", 2, "--exp", "vqcpc")
+    assert f"prepare: {work / 'data'} exists, reused" in out
+    assert re.search(r"^metric +VQ-CPC +MFCC\+k-means +ratio$", out, re.M), out
+    ours, base, ratio = _grab(out, rf"^PNMI +{NUM} +{NUM} +{NUM}$")
+    assert 0 < ours <= 1 and 0 < base <= 1
+    steps, _, rate = _grab(out, rf"^training: {NUM} steps in {NUM} min \({NUM} steps/s")
+    assert steps == 2 and rate > 0
+    exp = work / "vqcpc"
+    assert np.load(exp / "units" / "codebook.npy").shape == (512, 64)
+    report = json.loads((exp / "eval" / "test.json").read_text())
+    assert report["metrics"]["used"] <= 512  # (too few clips here for ABX: its code vectors
+    assert report["codebook"] == str((exp / "units" / "codebook.npy").resolve())  # are named)
+    assert report["baseline"]["train_manifest"] == str((work / "data" / "train.tsv").resolve())

@@ -180,3 +180,25 @@ def test_errors_name_counts_examples_and_codebook_size(corpus, tmp_path, codeboo
         _run([f"units={_unit_file(tmp_path, units, {})}", f"alignments={root / 'ali'}",
               f"data.manifest={root / 'manifest.tsv'}", "baseline.enabled=false",
               f"codebook={tmp_path / 'missing.pt'}"])
+
+
+def test_codebook_from_a_npy_array(corpus, tmp_path):
+    """codebook=FILE.npy: another system's (K, D) code vectors, checked like a checkpoint's."""
+    root, units = corpus
+    args = [f"units={_unit_file(tmp_path, units, {})}", f"alignments={root / 'ali'}",
+            f"data.manifest={root / 'manifest.tsv'}", "baseline.enabled=false",
+            f"out={tmp_path / 'm.json'}"]
+    np.save(tmp_path / "parallel.npy", _parallel_codes())
+    assert _run([*args, f"codebook={tmp_path / 'parallel.npy'}"]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert m["abx_within_codevec"] == m["abx_across_codevec"] == 0.5  # parallel codes: ties
+    np.save(tmp_path / "distinct.npy", _distinct_codes())
+    assert _run([*args, f"codebook={tmp_path / 'distinct.npy'}"]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert m["abx_within_codevec"] == m["abx_across_codevec"] == 0.0
+    np.save(tmp_path / "flat.npy", np.zeros(N_CODES))
+    with pytest.raises(StageError, match=r"codebook: .*flat\.npy: a codebook is a \(K, D\) array"):
+        _run([*args, f"codebook={tmp_path / 'flat.npy'}"])
+    (tmp_path / "junk.npy").write_text("not numpy")
+    with pytest.raises(StageError, match=r"junk\.npy: not a readable \.npy array"):
+        _run([*args, f"codebook={tmp_path / 'junk.npy'}"])
