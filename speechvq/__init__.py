@@ -18,6 +18,7 @@ Module map (imports point one way, down this list):
 ==========================  ===================================================================
 ``speechvq.cli``            hydra entry points, thin: config -> plain data -> one library call
 ``tasks``                   what the fit loop trains: VQ-VAE and prior tasks, the two trainings
+``targets``                 cluster targets of masked prediction (MFCC or a model's latents)
 ``extract``                 chunked, sharded, resumable extraction of unit files
 ``chunked``                 rows -> units, exactly, in bounded memory (the chunked encoder)
 ``unit_merge``              joining unit files: shards, splits from their subsets
@@ -39,7 +40,7 @@ Module map (imports point one way, down this list):
 ``features``                the one front-end; the one statistics and front-end-state policy
 ``stats``                   statistics files: moments, ``stats.json``, ``frontend_state.npz``
 ``nn``                      pure torch modules: quantizer, encoder, decoder, prior, CPC head,
-                            the log-mel spectrogram, augmentations of log-mels
+                            speaker adversary, the log-mel spectrogram, augmentations of log-mels
 ``audio``                   load/save audio, window reads: mono, resampling, -> AudioError
 ``files``                   atomic writes (one permission and cleanup policy), JSON, names
 ``numerics``                precision per device, TF32 / cuDNN policies, sync-free steps

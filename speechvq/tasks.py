@@ -61,6 +61,7 @@ from speechvq.prior import (
     unit_perplexity,
 )
 from speechvq.runtime import is_main_process, resolve_device, seed_everything
+from speechvq.targets import build_targets
 from speechvq.trainer import Task as Task  # noqa: F401 (re-exported)
 from speechvq.training import fit
 from speechvq.units import Units
@@ -150,6 +151,12 @@ class VQVAETask:
         if mel:  # a band-limited input keeps at least the bins below 3.4 kHz (telephone band)
             centres = mel_centres(build_logmel(self.features))
             self.augment["min_bins"] = int((centres < 3400.0).sum())
+        self.targets = None
+        if mel and float(cfg["model"].get("loss_weights", {}).get("mpred", 0.0)):
+            self.targets = build_targets(
+                cfg["model"].get("targets") or {}, train_rows, self.features, self.front,
+                self.model.unit_rate, self.samples_per_unit, int(cfg["seed"]),
+                out_dir if is_main_process() else None, progress)
         self._media_seconds = float(data["media_seconds"])
         self._media_rows = valid_rows or train_rows
         self._example: dict | None = None
@@ -166,7 +173,8 @@ class VQVAETask:
         Crops that left their features to the device get them here, batched
         (:meth:`speechvq.features.FrontEnd.batch`). In training, with ``data.augment``, the
         encoder sees perturbed features (:func:`speechvq.nn.augment.augment_mels`) and the
-        decoder reconstructs the clean ones."""
+        decoder reconstructs the clean ones; with ``mpred`` the crops' cluster targets
+        (:mod:`speechvq.targets`) and the hidden frames go with them."""
         if "norm" in batch:
             front = self._front_on(batch["wav"].device)
             norm = batch["norm"] if front.mode != "none" else None
@@ -175,7 +183,11 @@ class VQVAETask:
             batch = {**batch, "feats": feats}
         if model.training and "feats" in batch and any(
                 self.augment[k] for k in AUGMENTS):
-            batch = {**batch, "encoder_input": augment_mels(batch["feats"], **self.augment)}
+            encoder_input, hidden = augment_mels(batch["feats"], **self.augment,
+                                                 return_hidden=True)
+            batch = {**batch, "encoder_input": encoder_input, "hidden": hidden}
+        if model.training and self.targets is not None:  # masked prediction's cluster targets
+            batch = {**batch, "targets": self.targets(batch)}
         return model(batch)
 
     def log_media(self, model: nn.Module, writer: Any, step: int) -> None:

@@ -6,7 +6,12 @@ codebook stats. The loss names are the keys ``loss_weights`` may use:
 
 - mel model: ``recon`` (masked MSE on normalised log-mels), ``vq_codebook``, ``vq_commit``,
   ``cpc`` (contrastive prediction of future latents, :class:`speechvq.nn.cpc.CPCHead`; computed
-  only with a non-zero weight), ``f0`` (the F0 predictor's loss, with ``pitch.enabled``),
+  only with a non-zero weight), ``spk_adv`` (an adversarial speaker classifier on the latents
+  behind a gradient reversal, :class:`speechvq.nn.adversary.SpeakerAdversary`; computed only with
+  a non-zero weight), ``mpred`` (masked prediction of cluster targets, HuBERT-style: a linear
+  head on the latents names each hidden unit frame's cluster, ``batch["targets"]`` from
+  :mod:`speechvq.targets`; computed only with a non-zero weight), ``f0`` (the F0 predictor's
+  loss, with ``pitch.enabled``),
   ``adv``, ``fm`` (the decoder's adversarial and feature-matching losses against a
   :class:`speechvq.nn.discriminator.MelDiscriminator`) and ``disc`` (that discriminator's own
   loss), computed only when ``adv`` or ``fm`` has a non-zero weight;
@@ -28,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speechvq.checkpoint import VQVAEMeta, load_checkpoint, load_model_state
+from speechvq.nn.adversary import SpeakerAdversary
 from speechvq.nn.cpc import CPCHead
 from speechvq.nn.decoder import F0Predictor, MelDecoder, MultiResolutionSTFTLoss, WaveDecoder
 from speechvq.nn.discriminator import MelDiscriminator, adversarial_losses
@@ -39,13 +46,14 @@ from speechvq.nn.quantizer import VectorQuantizer
 from speechvq.pitch import F0_MAX, F0_MIN, PITCH_CHANNELS
 
 LOSS_NAMES = {
-    "mel": ("recon", "vq_codebook", "vq_commit", "cpc", "f0", "adv", "fm", "disc"),
+    "mel": ("recon", "vq_codebook", "vq_commit", "cpc", "spk_adv", "mpred", "f0", "adv", "fm",
+            "disc"),
     "wave": ("stft", "l1", "vq_codebook", "vq_commit"),
 }
 STAT_NAMES = ("perplexity", "usage", "dead_codes")
-# losses that train helpers (the F0 predictor, the discriminator) or measure the decoder against
-# a moving discriminator: best.pt is chosen on the loss without them (``criterion``)
-NOT_CRITERION = ("f0", "disc", "adv", "fm")
+# losses that train helpers (the F0 predictor, the discriminator, the speaker adversary) or
+# measure against a moving adversary: best.pt is chosen on the loss without them (``criterion``)
+NOT_CRITERION = ("f0", "disc", "adv", "fm", "spk_adv", "mpred")
 
 
 def _masked_mean(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,6 +86,12 @@ class VQVAE(nn.Module):
         recon_loss: ``"mse"`` or ``"l1"`` on the normalised log-mels (mel model).
         discriminator: kwargs of :class:`speechvq.nn.discriminator.MelDiscriminator` (mel
             model; built when ``loss_weights`` gives ``adv`` or ``fm`` a non-zero weight).
+        speaker_adversary: kwargs of :class:`speechvq.nn.adversary.SpeakerAdversary` minus
+            ``dim`` and ``n_speakers`` (mel model; built when ``loss_weights["spk_adv"]`` is
+            non-zero).
+        targets: the cluster targets of ``mpred`` (:mod:`speechvq.targets`); the model reads
+            ``n_clusters`` (the head's classes) and the task the rest (mel model; built when
+            ``loss_weights["mpred"]`` is non-zero).
     """
 
     def __init__(
@@ -95,6 +109,8 @@ class VQVAE(nn.Module):
         pitch: Mapping[str, Any] | None = None,
         recon_loss: str = "mse",
         discriminator: Mapping[str, Any] | None = None,
+        speaker_adversary: Mapping[str, Any] | None = None,
+        targets: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if recon_loss not in ("mse", "l1"):
@@ -151,6 +167,14 @@ class VQVAE(nn.Module):
         self.cpc = None
         if self.loss_weights.get("cpc", 0.0):
             self.cpc = CPCHead(int(self.quantizer.dim), **dict(cpc or {}))
+        self.mpred_head = None
+        if self.loss_weights.get("mpred", 0.0):
+            self.mpred_head = nn.Conv1d(int(self.quantizer.dim),
+                                        int(dict(targets or {}).get("n_clusters", 100)), 1)
+        self.speaker_adversary = None
+        if self.loss_weights.get("spk_adv", 0.0):
+            self.speaker_adversary = SpeakerAdversary(int(self.quantizer.dim), n_speakers,
+                                                      **dict(speaker_adversary or {}))
         self.sample_rate = sample_rate
         self.unit_rate: float = sample_rate / self.samples_per_unit
         self.n_codes: int = self.quantizer.n_codes
@@ -196,6 +220,9 @@ class VQVAE(nn.Module):
         out["vq_commit"] = vq["vq_commit"]
         if self.kind == "mel":
             out["cpc"] = self.cpc(z, mask) if self.cpc is not None else z.new_zeros(())
+            out["spk_adv"] = (self.speaker_adversary(z, batch["speaker"], mask)
+                              if self.speaker_adversary is not None else z.new_zeros(()))
+            out["mpred"] = self._mpred(z, batch, mask)
             out["f0"] = z.new_zeros(())
             if self.f0_predictor is not None:
                 s = self.decoder.speaker(batch["speaker"]).detach()
@@ -210,6 +237,27 @@ class VQVAE(nn.Module):
                                               for k in NOT_CRITERION if k in out)).detach()
         out.update({k: vq[k].detach() for k in STAT_NAMES})
         return out
+
+    def _mpred(self, z: torch.Tensor, batch: Mapping[str, Any], mask: torch.Tensor
+               ) -> torch.Tensor:
+        """Cross-entropy of the head's cluster predictions on the valid unit frames whose input
+        frames were all hidden (``batch["hidden"] (B, F)``), or on every valid unit frame when
+        nothing was hidden; 0 without a head or without ``batch["targets"] (B, U)`` (validation)."""
+        if self.mpred_head is None or "targets" not in batch:
+            if self.mpred_head is not None and self.training:
+                raise KeyError("a model with loss_weights.mpred needs batch['targets'] (B, U)")
+            return z.new_zeros(())
+        B, _, U = z.shape
+        logits = self.mpred_head(z.float())                                   # (B, K, U)
+        nll = F.cross_entropy(logits, batch["targets"][:, :U].to(z.device), reduction="none")
+        keep = mask
+        hidden = batch.get("hidden")
+        if hidden is not None and bool(hidden.any()):
+            ds = self.encoder.downsampling
+            units = hidden[:, : U * ds].reshape(B, U, ds).all(-1).to(z.device)
+            keep = mask & units
+        w = keep.float()
+        return (nll * w).sum() / w.sum().clamp_min(1)
 
     def _recon_losses(
         self, x: torch.Tensor, y_hat: torch.Tensor, mask: torch.Tensor

@@ -264,6 +264,12 @@ def test_augmentation_perturbs_only_what_it_is_asked_to():
         runs = torch.diff(torch.nonzero(torch.diff(torch.cat([torch.zeros(1), gone[b].float(),
                                                               torch.zeros(1)]))).flatten())
         assert (runs[::2] >= 5).all()  # spans of at least mask_span frames
+    again, which = augment_mels(x, mask=0.3, mask_span=5, bandlimit=0.5, min_bins=40,
+                                generator=torch.Generator().manual_seed(3), return_hidden=True)
+    assert which.shape == (4, 30) and which.dtype == torch.bool and which.any()
+    assert torch.equal(which, (again == 0).all(dim=1))  # exactly the frames it hid
+    _, none = augment_mels(x, warp=0.1, generator=gen, return_hidden=True)
+    assert not none.any()
 
 
 class _Spy(torch.nn.Module):

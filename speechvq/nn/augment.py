@@ -15,7 +15,8 @@ from torch import Tensor
 
 def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: float = 0.0,
                  min_bins: int = 0, mask: float = 0.0, mask_span: int = 5,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, return_hidden: bool = False
+                 ) -> Tensor | tuple[Tensor, Tensor]:
     """Speaker- and channel-like perturbations of normalised log-mels ``(B, n_mels, F)`` (same
     shape back), for the encoder's input while the decoder reconstructs the clean features.
 
@@ -29,12 +30,15 @@ def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: f
     random places (spans may overlap), so the encoder has to infer them from their context while
     the decoder still reconstructs them (masked reconstruction, as TERA / MAE).
     ``generator``: on the features' device (default: that device's global generator).
+    ``return_hidden``: also return which frames ``mask`` hid, ``(B, F)`` bool (all False without
+    masking), for a loss on the hidden frames.
     """
     if feats.dim() != 3:
         raise ValueError(f"augment_mels expects (B, n_mels, F), got {tuple(feats.shape)}")
     B, n, _ = feats.shape
     dev = feats.device
     out = feats
+    hidden = torch.zeros(B, feats.shape[-1], dtype=torch.bool, device=dev)
     if warp > 0:
         alpha = 1.0 + (torch.rand(B, 1, generator=generator, device=dev) * 2 - 1) * warp
         pos = (torch.arange(n, dtype=torch.float32, device=dev)[None, :] * alpha).clamp(0, n - 1)
@@ -68,4 +72,4 @@ def augment_mels(feats: Tensor, warp: float = 0.0, eq: float = 0.0, bandlimit: f
         covered.scatter_add_(1, starts + span, -ones)
         hidden = covered.cumsum(1)[:, :frames] > 0
         out = out.masked_fill(hidden[:, None, :], 0.0)
-    return out
+    return (out, hidden) if return_hidden else out
