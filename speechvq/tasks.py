@@ -185,7 +185,9 @@ class VQVAETask:
                 self.augment[k] for k in AUGMENTS):
             encoder_input, hidden = augment_mels(batch["feats"], **self.augment,
                                                  return_hidden=True)
-            batch = {**batch, "encoder_input": encoder_input, "hidden": hidden}
+            batch = {**batch, "encoder_input": encoder_input}
+            if self.augment["mask"] > 0:
+                batch["hidden"] = hidden
         if model.training and self.targets is not None:  # masked prediction's cluster targets
             batch = {**batch, "targets": self.targets(batch)}
         return model(batch)

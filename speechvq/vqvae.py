@@ -241,8 +241,8 @@ class VQVAE(nn.Module):
     def _mpred(self, z: torch.Tensor, batch: Mapping[str, Any], mask: torch.Tensor
                ) -> torch.Tensor:
         """Cross-entropy of the head's cluster predictions on the valid unit frames whose input
-        frames were all hidden (``batch["hidden"] (B, F)``), or on every valid unit frame when
-        nothing was hidden; 0 without a head or without ``batch["targets"] (B, U)`` (validation)."""
+        frames were all hidden (``batch["hidden"] (B, F)``, present when masking is on), or on every
+        valid unit frame without it; 0 without a head or without ``batch["targets"] (B, U)`` (validation)."""
         if self.mpred_head is None or "targets" not in batch:
             if self.mpred_head is not None and self.training:
                 raise KeyError("a model with loss_weights.mpred needs batch['targets'] (B, U)")
@@ -252,7 +252,7 @@ class VQVAE(nn.Module):
         nll = F.cross_entropy(logits, batch["targets"][:, :U].to(z.device), reduction="none")
         keep = mask
         hidden = batch.get("hidden")
-        if hidden is not None and bool(hidden.any()):
+        if hidden is not None:  # (decided by the config, never by a read of the data: no sync)
             ds = self.encoder.downsampling
             units = hidden[:, : U * ds].reshape(B, U, ds).all(-1).to(z.device)
             keep = mask & units

@@ -75,6 +75,19 @@ def compose_cfg() -> Callable[..., Any]:
     return make
 
 
+@pytest.fixture
+def mel_model_cfg() -> tuple[Any, dict]:
+    """``(model config, quantizer config)`` of the default mel model (``conf/model/mel.yaml``,
+    ``conf/quantizer/ema.yaml``) for 80 mels at 16 kHz, ready for ``build_vqvae``."""
+    model_cfg = OmegaConf.load(CONF / "model" / "mel.yaml")
+    model_cfg.sample_rate, model_cfg.mel_hop = 16000, 160
+    model_cfg.encoder.in_channels = model_cfg.decoder.out_channels = 80
+    model_cfg.decoder.in_channels = model_cfg.encoder.out_channels
+    quantizer = {**OmegaConf.to_container(OmegaConf.load(CONF / "quantizer" / "ema.yaml")),
+                 "dim": model_cfg.encoder.out_channels}
+    return model_cfg, quantizer
+
+
 @pytest.fixture(scope="session")
 def tiny_vqvae_cfg() -> Callable[..., dict]:
     """``tiny_vqvae_cfg(kind="mel", n_codes=32, channels=16, dim=8)``: the features, model and

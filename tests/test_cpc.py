@@ -31,18 +31,10 @@ def test_cpc_ignores_padding_and_reaches_the_latents():
     assert float(step_loss.detach()) < 0.5 * first
 
 
-def test_vqvae_reports_cpc_only_when_weighted():
-    from omegaconf import OmegaConf
-
-    from speechvq.cli._hydra import conf_dir
+def test_vqvae_reports_cpc_only_when_weighted(mel_model_cfg):
     from speechvq.vqvae import build_vqvae
 
-    model_cfg = OmegaConf.load(conf_dir() / "model" / "mel.yaml")
-    model_cfg.sample_rate, model_cfg.mel_hop = 16000, 160
-    model_cfg.encoder.in_channels = model_cfg.decoder.out_channels = 80
-    model_cfg.decoder.in_channels = model_cfg.encoder.out_channels
-    quantizer = {**OmegaConf.to_container(OmegaConf.load(conf_dir() / "quantizer" / "ema.yaml")),
-                 "dim": model_cfg.encoder.out_channels}
+    model_cfg, quantizer = mel_model_cfg
     batch = {"feats": torch.randn(2, 80, 64), "speaker": torch.tensor([0, 1])}
     plain = build_vqvae(model_cfg, quantizer, n_speakers=2)
     assert plain.cpc is None and float(plain(batch)["cpc"]) == 0.0
