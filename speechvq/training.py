@@ -404,7 +404,7 @@ class _Loop:
                 means = {k: v / self.meter.n for k, v in self.meter.sums.items()}
                 self._last_train_loss = self._reduce_means(means)["loss"]
             with self.speed.pause():  # validation, media, checkpoints: not training speed
-                self._after_step(final=stopped is not None)
+                self._after_step(final=stopped is not None, stopped=stopped)
             if stopped:
                 return stopped
         raise AssertionError("the training loader ended")  # it never does: it walks the epochs
@@ -482,10 +482,14 @@ class _Loop:
             code = int(t.item())
         return reasons[code - 1] if code else None
 
-    def _after_step(self, final: bool) -> None:
+    def _after_step(self, final: bool, stopped: str | None = None) -> None:
         tc, s = self.tc, self.step
         improved = False
-        if (tc.valid_every and s % tc.valid_every == 0) or (final and s >= tc.max_steps):
+        # a run that reaches its end (max_steps or its time budget) is validated at its last step,
+        # so best.pt can be the model it ends with (not one up to valid_every steps older); a
+        # signal stops it without (the machine wants it gone)
+        if (tc.valid_every and s % tc.valid_every == 0) or (
+                final and (s >= tc.max_steps or stopped == "max_minutes")):
             t0 = time.monotonic()
             improved = self._validate()
             self._valid_seconds += time.monotonic() - t0

@@ -226,6 +226,10 @@ def test_max_minutes_stops_and_saves(tmp_path: Path) -> None:
     out = fit(_ToyTask(), _trainer(max_steps=10**6, max_minutes=0.0), tmp_path)
     assert out["stopped"] == "max_minutes" and out["step"] == 1
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 1
+    # the end of the time budget is validated: best.pt is the model the run ended with, not one
+    # valid_every (4) steps older, nor missing
+    assert math.isfinite(out["best"]) and out["valid_loss"] is not None
+    assert load_checkpoint(tmp_path / "checkpoints/best.pt")["step"] == 1
 
 
 def test_tensorboard_scalars_audio_and_best(tmp_path: Path) -> None:
