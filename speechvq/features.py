@@ -63,6 +63,10 @@ LEVEL_QUANTILE = 0.5
 # is within ACTIVE_DB of the utterance's level. Silence then does not move them, however much of it
 # a recording holds (a corpus trimmed to the speech and one with long pauses normalise alike).
 ACTIVE_DB = 40.0
+# A training crop's frames count as speech (data.crop_speech) when their mean mel power is within
+# SPEECH_DB of the utterance's level: stricter than ACTIVE_DB, since the silence of a quiet studio
+# recording sits 40-50 dB below its speech and that of a noisier one closer.
+SPEECH_DB = 30.0
 
 
 def build_logmel(features_cfg: Mapping) -> LogMel:
@@ -309,6 +313,16 @@ def active_frames(power: Tensor, ref: float) -> Tensor:
     if int(active.sum()) < max(1, power.shape[-1] // 10):
         return torch.ones_like(active)
     return active
+
+
+def speech_share(power: Tensor, ref: float, within_db: float = SPEECH_DB) -> float:
+    """The share of the frames of mel power ``(n_mels, F)`` whose mean power is within
+    ``within_db`` of the utterance's level ``ref`` (0.0 for no frames): how much of a crop is
+    speech rather than the pauses and silence around it."""
+    if power.shape[-1] == 0:
+        return 0.0
+    frame_power = power.double().mean(dim=0)
+    return float((frame_power >= ref * 10.0 ** (-within_db / 10.0)).double().mean())
 
 
 def _frame_moments(feats: Tensor) -> Moments:

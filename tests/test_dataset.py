@@ -210,3 +210,68 @@ def test_audio_cache_gives_identical_crops(corpus, stats, features_cfg):
         for i in range(len(corpus)):
             assert _same(plain[i], cached[i])
     assert len(cached._cache) == len(corpus) - 1  # every readable file once, the broken one never
+
+
+def test_duration_sampling_crops_each_second_equally_often(corpus):
+    """``sampling="duration"``: utterances are cropped in proportion to their length (each second
+    of audio equally often), as a pure function of (seed, epoch, index); the default crops each
+    file once per epoch."""
+    rows = [r for r in corpus if r.id != "broken"]
+    spk = speakers_of(rows)
+
+    def picks(sampling, seed=0, epochs=range(400)):
+        ds = CropDataset(rows, spk, None, None, 0.5, SR, HOP, seed=seed, sampling=sampling)
+        return np.array([[ds.utterance_of(e, i) for i in range(len(ds))] for e in epochs])
+
+    assert (picks("utterance", epochs=range(3)) == np.arange(len(rows))).all()
+    chosen = picks("duration")
+    share = np.bincount(chosen.ravel(), minlength=len(rows)) / chosen.size
+    expected = np.array([r.num_samples for r in rows]) / sum(r.num_samples for r in rows)
+    assert np.abs(share - expected).max() < 0.02, (share, expected)
+    assert (picks("duration", epochs=range(5)) == chosen[:5]).all()  # a resumed run: the same
+    assert not (picks("duration", seed=1, epochs=range(5)) == chosen[:5]).all()
+    # the item is a crop of the utterance picked, its start spread over the whole utterance
+    ds = CropDataset(rows, spk, None, None, 0.5, SR, HOP, sampling="duration")
+    longest = int(np.argmax([r.num_samples for r in rows]))
+    starts = []
+    for e in range(60):
+        ds.set_epoch(e)
+        for i in range(len(ds)):
+            if ds.utterance_of(e, i) == longest:
+                item = ds[i]
+                assert item["id"] == rows[longest].id
+                starts.append(item["wav"])
+    assert len(starts) > 20 and len({float(w[0]) for w in starts}) > len(starts) // 2
+    with pytest.raises(ValueError, match="sampling"):
+        CropDataset(rows, spk, None, None, 0.5, SR, HOP, sampling="speech")
+
+
+def test_speech_biased_crops_land_on_the_speech(tmp_path, features_cfg):
+    """``speech``: a crop that is mostly silence is redrawn elsewhere in its utterance, so crops of
+    a recording that is 3/4 silence land on its speech; without it they land where they fall."""
+    rng = np.random.default_rng(0)
+    n = 4 * SR
+    wav = 1e-4 * rng.standard_normal(n)  # silence: ~70 dB below the tone
+    speech = slice(SR, 2 * SR)
+    wav[speech] += 0.3 * np.sin(2 * np.pi * 220.0 * np.arange(SR) / SR)
+    path = tmp_path / "a.flac"
+    sf.write(path, wav.astype(np.float32), SR)
+    rows = [ManifestRow("a", str(path), n, "ann")]
+    stats = compute_stats(rows, features_cfg, progress=False)
+
+    def speech_in_crops(share):
+        ds = CropDataset(rows, ["ann"], stats, features_cfg, 0.5, SR, HOP, speech=share)
+        got = []
+        for e in range(40):
+            ds.set_epoch(e)
+            w = ds[0]["wav"].numpy()
+            got.append(float(np.mean(np.abs(w) > 0.01)))  # share of the crop on the tone
+        return np.array(got)
+
+    plain, biased = speech_in_crops(0.0), speech_in_crops(0.5)
+    assert (plain < 0.1).mean() > 0.4  # most crops of the plain sampler are silence
+    assert (biased >= 0.4).mean() > 0.9 and biased.mean() > plain.mean() + 0.3
+    with pytest.raises(ValueError, match="share"):
+        CropDataset(rows, ["ann"], stats, features_cfg, 0.5, SR, HOP, speech=1.5)
+    with pytest.raises(ValueError, match="front-end"):
+        CropDataset(rows, ["ann"], None, None, 0.5, SR, HOP, speech=0.5)

@@ -191,5 +191,7 @@ def test_prepare_writes_the_states_and_training_uses_them(tmp_path, compose_cfg,
     assert task.train_set._store is not None and (task.train_set._store_index >= 0).all()
     write_manifest(tmp_path / "m.tsv", corpus)  # no store beside this one: measured and kept
     train["data"]["manifest"] = str(tmp_path / "m.tsv")
-    VQVAETask(train, out_dir=tmp_path / "exp2", progress=False)
+    train["data"]["crop_sampling"] = "duration"
+    task = VQVAETask(train, out_dir=tmp_path / "exp2", progress=False)
     assert (tmp_path / "exp2" / STATE_FILE).exists()
+    assert task.train_set.sampling == "duration"  # data.crop_sampling reaches the crops

@@ -35,7 +35,7 @@ from speechvq.audio import AudioError, load_audio, read_window
 from speechvq.data.loader import train_batches as train_batches  # noqa: F401 (re-exported)
 from speechvq.data.loader import valid_batches as valid_batches  # noqa: F401 (re-exported)
 from speechvq.data.manifest import ManifestRow
-from speechvq.features import FeatureStats, FrontEnd, UtteranceState
+from speechvq.features import FeatureStats, FrontEnd, UtteranceState, speech_share
 from speechvq.stats import StateStore, pitch_key
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 # How many other utterances a crop tries before deciding the corpus itself is broken.
 MAX_SUBSTITUTES = 20
 FEATURES_ON = ("loader", "device")
+# How a training crop picks its utterance: each utterance equally often (item i of an epoch is
+# utterance i), or with a probability proportional to its length (every second of audio equally
+# likely to be cropped, whatever the lengths of the files holding it).
+CROP_SAMPLING = ("utterance", "duration")
+# How many crop positions a crop tries before taking the most speech-like one (speech > 0).
+SPEECH_TRIES = 8
 
 
 def _warn_bad(warned: set[str], err: AudioError, what: str) -> None:
@@ -123,6 +129,15 @@ class CropDataset(_ManifestDataset):
     ``cache_audio``: keep every decoded waveform in memory after its first read (float32, 4 bytes
     per sample: for corpora that fit in RAM; every DataLoader worker fills its own copy).
     ``features_on``: ``"loader"`` (items carry ``feats``) or ``"device"`` (see the module).
+    ``sampling``: ``"utterance"`` (item ``i`` of an epoch crops utterance ``i``: each file equally
+    often) or ``"duration"`` (item ``i`` crops an utterance drawn with probability proportional
+    to its ``num_samples``: each second of audio equally often, so a corpus of many short files
+    beside a few long ones is not trained mostly on the short ones). An epoch is ``len(rows)``
+    crops either way. ``speech``: the least share of a crop's real frames that must be speech
+    (:func:`speechvq.features.speech_share`, within :data:`speechvq.features.SPEECH_DB` of the
+    utterance's level); a crop short of it is redrawn at another position of the same
+    utterance, up to :data:`SPEECH_TRIES` positions, keeping the one with the most speech
+    (0: no check; needs ``features_cfg``).
     """
 
     def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
@@ -130,7 +145,8 @@ class CropDataset(_ManifestDataset):
                  sample_rate: int, samples_per_unit: int, seed: int = 0,
                  cache_audio: bool = False, pitch: Sequence[float] | None = None,
                  states: tuple[StateStore, np.ndarray] | None = None,
-                 features_on: str = "loader") -> None:
+                 features_on: str = "loader", sampling: str = "utterance",
+                 speech: float = 0.0) -> None:
         if not rows:
             raise ValueError("CropDataset needs at least one utterance")
         super().__init__(rows, speakers, stats, features_cfg, sample_rate, samples_per_unit,
@@ -138,6 +154,16 @@ class CropDataset(_ManifestDataset):
         if features_on not in FEATURES_ON:
             raise ValueError(f"features_on must be one of {FEATURES_ON}, not {features_on!r}")
         self.features_on = features_on
+        if sampling not in CROP_SAMPLING:
+            raise ValueError(f"sampling must be one of {CROP_SAMPLING}, not {sampling!r}")
+        self.sampling = sampling
+        self.speech = float(speech)
+        if not 0.0 <= self.speech <= 1.0:
+            raise ValueError(f"speech must be a share in [0, 1], not {speech}")
+        if self.speech > 0 and features_cfg is None:
+            raise ValueError("speech-biased crops (speech > 0) need the mel front-end (features_cfg)")
+        lengths = np.array([max(int(r.num_samples), 1) for r in rows], dtype=np.float64)
+        self._cumulative = np.cumsum(lengths) / lengths.sum()  # for sampling="duration"
         self.cache_audio = bool(cache_audio)
         self._cache: dict[int, Tensor] = {}
         if unknown := self.unknown_speakers():
@@ -163,10 +189,18 @@ class CropDataset(_ManifestDataset):
         key = [self.seed, epoch, index] + ([attempt] if attempt else [])
         return np.random.default_rng(key)
 
+    def utterance_of(self, epoch: int, index: int) -> int:
+        """The row that item ``index`` of ``epoch`` crops (before any substitution)."""
+        if self.sampling == "utterance":
+            return index
+        # a stream of its own (substitutes use attempts 1..MAX_SUBSTITUTES, the crop's start 0)
+        u = self._rng(epoch, index, MAX_SUBSTITUTES + 1).random()
+        return min(int(np.searchsorted(self._cumulative, u, side="right")), len(self.rows) - 1)
+
     def __getitem__(self, index: int) -> dict:
         epoch = self.epoch
         for attempt in range(MAX_SUBSTITUTES + 1):
-            i = index if attempt == 0 else int(
+            i = self.utterance_of(epoch, index) if attempt == 0 else int(
                 self._rng(epoch, index, attempt).integers(len(self.rows)))
             if i in self._bad:
                 continue
@@ -194,12 +228,24 @@ class CropDataset(_ManifestDataset):
                 self._cache[i] = whole
         state = self._state(i, whole)
         n = whole.numel() if whole is not None else row.num_samples
-        start = int(rng.integers(0, n - self.crop_samples + 1)) if n >= self.crop_samples else 0
         take = min(n, self.crop_samples)
+        best = -1.0
+        for _ in range(SPEECH_TRIES if self.speech > 0 and n > self.crop_samples else 1):
+            at = int(rng.integers(0, n - self.crop_samples + 1)) if n >= self.crop_samples else 0
+            if whole is not None:
+                window = whole[at : at + take]
+            else:
+                window = read_window(row.path, at, take, self.sample_rate, num_samples=n)
+            if self.speech <= 0:
+                start, wav = at, window
+                break
+            share = speech_share(self._front.mel_power(window, state.dc), state.ref)
+            if share > best:
+                best, start, wav = share, at, window
+            if share >= self.speech:
+                break
         if whole is not None:
-            wav = whole[start : start + take].clone()  # the cached waveform is never written to
-        else:
-            wav = read_window(row.path, start, take, self.sample_rate, num_samples=n)
+            wav = wav.clone()  # the cached waveform is never written to
         if take < self.crop_samples:
             wav = torch.cat([wav, wav.new_zeros(self.crop_samples - take)])
         item = _item(row, wav, None, self._speaker_ids[row.speaker], take)
