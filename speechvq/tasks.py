@@ -122,7 +122,8 @@ class VQVAETask:
                                      pitch=self.model.pitch_range, states=states,
                                      features_on=self.features_on,
                                      sampling=str(data.get("crop_sampling", "utterance")),
-                                     speech=float(data.get("crop_speech", 0.0) or 0.0))
+                                     # the speech check reads the mel front-end's level
+                                     speech=float(data.get("crop_speech", 0.0) or 0.0) if mel else 0.0)
         valid_rows = _valid_subset(valid_rows, data.get("valid_seconds"), sample_rate)
         self.valid_set = (UtteranceDataset(valid_rows, self.speakers, self.stats, feats_cfg,
                                            sample_rate=sample_rate,
