@@ -63,9 +63,8 @@ LEVEL_QUANTILE = 0.5
 # is within ACTIVE_DB of the utterance's level. Silence then does not move them, however much of it
 # a recording holds (a corpus trimmed to the speech and one with long pauses normalise alike).
 ACTIVE_DB = 40.0
-# A training crop's frames count as speech (data.crop_speech) when their mean mel power is within
-# SPEECH_DB of the utterance's level: stricter than ACTIVE_DB, since the silence of a quiet studio
-# recording sits 40-50 dB below its speech and that of a noisier one closer.
+# A crop's frames count as speech (data.crop_speech) when their mean mel power is within SPEECH_DB
+# of the utterance's level: stricter than ACTIVE_DB (a quiet room's silence sits 40-50 dB below).
 SPEECH_DB = 30.0
 
 
