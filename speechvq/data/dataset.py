@@ -155,11 +155,11 @@ class CropDataset(_ManifestDataset):
             raise ValueError(f"features_on must be one of {FEATURES_ON}, not {features_on!r}")
         self.features_on = features_on
         if sampling not in CROP_SAMPLING:
-            raise ValueError(f"sampling must be one of {CROP_SAMPLING}, not {sampling!r}")
+            raise ValueError(f"sampling (data.crop_sampling) must be one of {CROP_SAMPLING}, not {sampling!r}")
         self.sampling = sampling
         self.speech = float(speech)
         if not 0.0 <= self.speech <= 1.0:
-            raise ValueError(f"speech must be a share in [0, 1], not {speech}")
+            raise ValueError(f"speech (data.crop_speech) must be a share in [0, 1], not {speech}")
         if self.speech > 0 and features_cfg is None:
             raise ValueError("speech-biased crops (speech > 0) need the mel front-end (features_cfg)")
         lengths = np.array([max(int(r.num_samples), 1) for r in rows], dtype=np.float64)
