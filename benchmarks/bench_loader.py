@@ -15,7 +15,9 @@ torch thread (= one loader worker):
      features made in the worker (``data.features_on=loader``, the CPU default);
    - ``device``: the same, the features left to the training device
      (``data.features_on=device``, the default on CUDA);
-   - ``floor``: decoding the crop's window alone (``speechvq.audio.read_window``).
+   - ``floor``: decoding the crop's window alone (``speechvq.audio.read_window``);
+   and ``loader`` and ``device`` again with speech-biased crops (``data.crop_speech=0.5``: the
+   position chosen by the stored speech frames, then one window read).
 2. how many loader workers one GPU needs for batch 64 at a given step time: the step time is an
    ESTIMATE made of measured parts (no GPU here): the FLOPs of a training step of the model
    (counted by ``torch.utils.flop_counter``) at an assumed 100 TFLOP/s, and the number of kernels
@@ -109,6 +111,9 @@ def crop_rates(rows: list[ManifestRow], n_crops: int, pitch: bool) -> dict[str, 
         "today": CropDataset(*args, **kw),
         "loader": CropDataset(*args, **kw, states=(store, index)),
         "device": CropDataset(*args, **kw, states=(store, index), features_on="device"),
+        "loader_speech": CropDataset(*args, **kw, states=(store, index), speech=0.5),
+        "device_speech": CropDataset(*args, **kw, states=(store, index), features_on="device",
+                                     speech=0.5),
     }
     order = np.random.default_rng(0).integers(0, len(rows), n_crops)
     out = {"measure_ms_per_utterance": measure_ms}
@@ -257,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
             + f" | {rate['loader'] / rate['today']:.1f}x | {rate['device'] / rate['today']:.1f}x"
             f" | {r['loader'] / r['floor']:.2f}x | {r['device'] / r['floor']:.2f}x"
             f" | {r['measure_ms_per_utterance']:.1f} ms |")
+    for label, key in (("mel", "plain"), ("with F0", "pitch")):
+        r = result[key]
+        print(f"{label}, with data.crop_speech=0.5: " + ", ".join(
+            f"{way} {1000 / r[f'{way}_speech']:.0f}/s ({r[f'{way}_speech'] / r[way]:.2f}x the "
+            f"time without)" for way in ("loader", "device")))
 
     print(f"\n| model | parameters | GFLOP per step (batch {GPU_BATCH}) | kernels | GPU step "
           "(estimate) | workers for it: today | loader | device |")

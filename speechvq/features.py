@@ -169,7 +169,7 @@ class FrontEnd:
         own = None
         if moments:
             own = _frame_moments(self.log_mels(power, ref)[:, active_frames(power, ref)])
-        return UtteranceState(dc, ref, own)
+        return UtteranceState(dc, ref, own, speech=speech_frames(power, ref))
 
     def f0(self, wav: Tensor, num_samples: int | None = None, f0_min: float = F0_MIN,
            f0_max: float = F0_MAX) -> Tensor:
@@ -314,14 +314,11 @@ def active_frames(power: Tensor, ref: float) -> Tensor:
     return active
 
 
-def speech_share(power: Tensor, ref: float, within_db: float = SPEECH_DB) -> float:
-    """The share of the frames of mel power ``(n_mels, F)`` whose mean power is within
-    ``within_db`` of the utterance's level ``ref`` (0.0 for no frames): how much of a crop is
-    speech rather than the pauses and silence around it."""
-    if power.shape[-1] == 0:
-        return 0.0
-    frame_power = power.double().mean(dim=0)
-    return float((frame_power >= ref * 10.0 ** (-within_db / 10.0)).double().mean())
+def speech_frames(power: Tensor, ref: float, within_db: float = SPEECH_DB) -> Tensor:
+    """``(F,)`` bool: the frames of mel power ``(n_mels, F)`` whose mean power is within
+    ``within_db`` of the utterance's level ``ref``: its speech rather than the pauses and silence
+    around it (stored with every state; training crops with ``data.crop_speech`` read it)."""
+    return power.double().mean(dim=0) >= ref * 10.0 ** (-within_db / 10.0)
 
 
 def _frame_moments(feats: Tensor) -> Moments:

@@ -283,10 +283,11 @@ class UtteranceState:
     ref: float
     moments: Moments | None = None
     pitch: Tensor | None = None  # (2, F) the whole utterance's pitch condition, once measured
+    speech: Tensor | None = None  # (F,) bool: its speech frames (features.speech_frames)
 
 
 STATE_FILE = "frontend_state.npz"  # beside the manifest (speechvq-prepare) or in a run folder
-STATE_VERSION = 1  # bumped when what a StateStore holds, or how, changes
+STATE_VERSION = 2  # bumped when what a StateStore holds, or how, changes
 
 
 def pitch_key(f0_range: Sequence[float]) -> str:
@@ -303,9 +304,11 @@ class StateStore:
     (as :class:`speechvq.data.dataset.UtteranceDataset` and extraction cut it). The ``.npz`` holds
     ``ids`` (N,), ``num_samples`` (N,) int64 (the manifest's: a row whose length differs has no
     state here), ``dc``, ``ref`` (N,) float64, with ``moments``: ``mean``, ``std`` (N, n_mels)
-    float32 and ``frames`` (N,), and per F0 range ``f0_offsets_LO-HI`` (N + 1,) int64 into the
-    float32 track file (F0 in Hz at the mel frames, 0 unvoiced; memory-mapped, opened lazily in
-    each process). ``meta`` (JSON): versions, the features config and its hash.
+    float32 and ``frames`` (N,), the speech frames of each utterance (``speech_offsets`` (N + 1,)
+    int64 into ``speech_bits``: the masks end to end, one bit per mel frame, packed; see
+    :func:`speechvq.features.speech_frames`), and per F0 range ``f0_offsets_LO-HI`` (N + 1,)
+    int64 into the float32 track file (F0 in Hz at the mel frames, 0 unvoiced; memory-mapped,
+    opened lazily in each process). ``meta`` (JSON): versions, the features config and its hash.
     """
 
     def __init__(self, features: Mapping, samples_per_unit: int, arrays: Mapping[str, np.ndarray],
@@ -336,6 +339,8 @@ class StateStore:
             arrays["mean"] = np.stack([s.moments.mean.numpy() for s in states]).astype(np.float32)
             arrays["std"] = np.stack([s.moments.std.numpy() for s in states]).astype(np.float32)
             arrays["frames"] = np.asarray([s.moments.frames for s in states], dtype=np.int64)
+        if states and all(s.speech is not None for s in states):
+            arrays.update(_pack_speech([s.speech for s in states]))
         store = cls(features, samples_per_unit, arrays)
         for key, tracks in (f0 or {}).items():
             store.add_f0(key, tracks)
@@ -433,7 +438,16 @@ class StateStore:
         if self.has_moments:
             moments = Moments(torch.from_numpy(a["mean"][i].copy()),
                               torch.from_numpy(a["std"][i].copy()), int(a["frames"][i]))
-        return UtteranceState(float(a["dc"][i]), float(a["ref"][i]), moments)
+        return UtteranceState(float(a["dc"][i]), float(a["ref"][i]), moments,
+                              speech=self.speech(i))
+
+    def speech(self, i: int) -> Tensor | None:
+        """The speech frames ``(F,)`` bool of utterance ``i`` (None: the store holds none)."""
+        if "speech_bits" not in self.arrays:
+            return None
+        lo, hi = (int(v) for v in self.arrays["speech_offsets"][i : i + 2])
+        bits = np.unpackbits(self.arrays["speech_bits"][lo // 8 : (hi + 7) // 8])
+        return torch.from_numpy(bits[lo % 8 : lo % 8 + hi - lo].astype(bool))
 
     def f0(self, i: int, key: str) -> Tensor:
         """The F0 track (Hz, 0 unvoiced) of utterance ``i`` for range ``key``: ``(F,)`` float32."""
@@ -450,7 +464,10 @@ class StateStore:
 
     def subset(self, index: np.ndarray) -> StateStore:
         """The utterances at store indices ``index`` (in that order), F0 tracks included."""
-        per_row = {k: v[index] for k, v in self.arrays.items() if not k.startswith("f0_offsets_")}
+        tracks = _track_arrays(self.arrays)
+        per_row = {k: v[index] for k, v in self.arrays.items() if k not in tracks}
+        if "speech_bits" in self.arrays:
+            per_row.update(_pack_speech([self.speech(int(i)) for i in index]))
         store = StateStore(self.features, self.samples_per_unit, per_row, version=self.version)
         for key in self.f0_keys:
             store.add_f0(key, [self.f0(int(i), key) for i in index])
@@ -461,13 +478,27 @@ class StateStore:
         """One store of several with the same features and unit (F0 ranges all of them have)."""
         first = stores[0]
         keys = set.intersection(*(s.f0_keys for s in stores))
-        names = set.intersection(*(set(s.arrays) for s in stores)) - {
-            f"f0_offsets_{k}" for k in {k for s in stores for k in s.f0_keys}}
+        names = set.intersection(*(set(s.arrays) - _track_arrays(s.arrays) for s in stores))
         arrays = {k: np.concatenate([s.arrays[k] for s in stores]) for k in names}
+        if all("speech_bits" in s.arrays for s in stores):
+            arrays.update(_pack_speech([s.speech(i) for s in stores for i in range(len(s))]))
         store = cls(first.features, first.samples_per_unit, arrays, version=first.version)
         for key in keys:
             store.add_f0(key, [s.f0(i, key) for s in stores for i in range(len(s))])
         return store
+
+
+def _track_arrays(arrays: Mapping[str, np.ndarray]) -> set[str]:
+    """The arrays of variable-length tracks (not one entry per utterance)."""
+    return {k for k in arrays if k.startswith(("f0_offsets_", "speech_"))}
+
+
+def _pack_speech(masks: Sequence[Tensor]) -> dict[str, np.ndarray]:
+    """Speech masks (one ``(F,)`` bool per utterance) -> ``speech_offsets``, ``speech_bits``."""
+    lengths = [int(m.numel()) for m in masks]
+    flat = np.concatenate([m.numpy().astype(bool) for m in masks]) if masks else np.zeros(0, bool)
+    return {"speech_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "speech_bits": np.packbits(flat)}
 
 
 def _f0_path(path: Path, key: str) -> Path:

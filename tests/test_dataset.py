@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from speechvq.cli._hydra import conf_dir
 from speechvq.data.dataset import CropDataset, UtteranceDataset, collate
 from speechvq.data.manifest import ManifestRow, speakers_of
-from speechvq.features import Z_MAX, FrontEnd, compute_stats
+from speechvq.features import Z_MAX, FrontEnd, compute_stats, measure_states
 
 SR = 16000
 HOP = 320  # samples per unit of the default models
@@ -259,16 +259,21 @@ def test_speech_biased_crops_land_on_the_speech(tmp_path, features_cfg):
     rows = [ManifestRow("a", str(path), n, "ann")]
     stats = compute_stats(rows, features_cfg, progress=False)
 
-    def speech_in_crops(share):
-        ds = CropDataset(rows, ["ann"], stats, features_cfg, 0.5, SR, HOP, speech=share)
+    def speech_in_crops(share, states=None):
+        ds = CropDataset(rows, ["ann"], stats, features_cfg, 0.5, SR, HOP, speech=share,
+                         states=states)
         got = []
         for e in range(40):
             ds.set_epoch(e)
             w = ds[0]["wav"].numpy()
             got.append(float(np.mean(np.abs(w) > 0.01)))  # share of the crop on the tone
+        assert states is None or not ds._states  # chosen by the stored speech frames alone
         return np.array(got)
 
     plain, biased = speech_in_crops(0.0), speech_in_crops(0.5)
+    store = measure_states(rows, features_cfg, HOP, progress=False)
+    stored = speech_in_crops(0.5, (store, store.lookup(["a"], [n])))
+    assert np.array_equal(stored, biased)  # the same crops from a state store
     assert (plain < 0.1).mean() > 0.4  # most crops of the plain sampler are silence
     assert (biased >= 0.4).mean() > 0.9 and biased.mean() > plain.mean() + 0.3
     with pytest.raises(ValueError, match="share"):

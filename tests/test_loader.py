@@ -116,7 +116,7 @@ def test_bench_loader_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "| mel | " in out and "| with F0 | " in out and "whole / pieces" in out
-    assert "validation: 2 utterances" in out
+    assert "validation: 2 utterances" in out and "with data.crop_speech=0.5: loader" in out
     result = __import__("json").loads((tmp_path / "w" / "bench_loader.json").read_text())
     assert result["plain"]["device"] > 0 and result["gpu"][0]["kernels"] > 100
 

@@ -22,7 +22,7 @@ from speechvq.features import (
     measure_states,
     states_for_rows,
 )
-from speechvq.stats import StateStore, pitch_key
+from speechvq.stats import StateStore, UtteranceState, pitch_key
 
 SR, SPU = 16000, 320
 
@@ -76,6 +76,19 @@ def test_stored_state_equals_recomputed_state(corpus, features_cfg, tmp_path, no
         else:
             assert state.moments is None and not loaded.has_moments
         assert torch.equal(loaded.f0(int(i), "50-600"), front.f0(wav, n, 50.0, 600.0))
+        assert state.speech.dtype == torch.bool and torch.equal(state.speech, again.speech)
+    # speech frames (bit-packed end to end, so masks start mid-byte) survive saving, picking and
+    # joining stores
+    rng = np.random.default_rng(1)
+    masks = [torch.from_numpy(rng.random(n) < 0.5) for n in (5, 13, 8, 1, 20, 0)]
+    states = [UtteranceState(0.0, 1.0 + i, speech=m) for i, m in enumerate(masks)]
+    made = StateStore.from_states(cfg, SPU, list("abcdef"), [100] * 6, states)
+    made.save(tmp_path / "speech.npz")
+    made = StateStore.load(tmp_path / "speech.npz")
+    assert all(torch.equal(made.speech(i), m) for i, m in enumerate(masks))
+    joined = StateStore.concat([made.subset(np.array([4, 1])), made.subset(np.array([0, 5, 3]))])
+    for j, i in enumerate([4, 1, 0, 5, 3]):
+        assert torch.equal(joined.speech(j), masks[i]) and joined.state(j).ref == 1.0 + i
     # a row whose length changed since the store was made has no state in it
     moved = [corpus[0].id, corpus[1].id]
     assert list(loaded.lookup(moved, [corpus[0].num_samples, 5])) == [0, -1]

@@ -35,7 +35,7 @@ from speechvq.audio import AudioError, load_audio, read_window
 from speechvq.data.loader import train_batches as train_batches  # noqa: F401 (re-exported)
 from speechvq.data.loader import valid_batches as valid_batches  # noqa: F401 (re-exported)
 from speechvq.data.manifest import ManifestRow
-from speechvq.features import FeatureStats, FrontEnd, UtteranceState, speech_share
+from speechvq.features import FeatureStats, FrontEnd, UtteranceState
 from speechvq.stats import StateStore, pitch_key
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,11 @@ class CropDataset(_ManifestDataset):
     often) or ``"duration"`` (item ``i`` crops an utterance drawn with probability proportional
     to its ``num_samples``: each second of audio equally often, so a corpus of many short files
     beside a few long ones is not trained mostly on the short ones). An epoch is ``len(rows)``
-    crops either way. ``speech``: the least share of a crop's real frames that must be speech
-    (:func:`speechvq.features.speech_share`, within :data:`speechvq.features.SPEECH_DB` of the
-    utterance's level); a crop short of it is redrawn at another position of the same
-    utterance, up to :data:`SPEECH_TRIES` positions, keeping the one with the most speech
-    (0: no check; needs ``features_cfg``).
+    crops either way. ``speech``: the least share of a crop's frames that must be speech
+    (:func:`speechvq.features.speech_frames`, within :data:`speechvq.features.SPEECH_DB` of the
+    utterance's level, measured once with its state); a crop short of it is redrawn at another
+    position of the same utterance, up to :data:`SPEECH_TRIES` positions, keeping the one with
+    the most speech (0: no check; needs ``features_cfg``).
     """
 
     def __init__(self, rows: Sequence[ManifestRow], speakers: Sequence[str],
@@ -229,23 +229,11 @@ class CropDataset(_ManifestDataset):
         state = self._state(i, whole)
         n = whole.numel() if whole is not None else row.num_samples
         take = min(n, self.crop_samples)
-        best = -1.0
-        for _ in range(SPEECH_TRIES if self.speech > 0 and n > self.crop_samples else 1):
-            at = int(rng.integers(0, n - self.crop_samples + 1)) if n >= self.crop_samples else 0
-            if whole is not None:
-                window = whole[at : at + take]
-            else:
-                window = read_window(row.path, at, take, self.sample_rate, num_samples=n)
-            if self.speech <= 0:
-                start, wav = at, window
-                break
-            share = speech_share(self._front.mel_power(window, state.dc), state.ref)
-            if share > best:
-                best, start, wav = share, at, window
-            if share >= self.speech:
-                break
+        start = self._start(n, state, rng)
         if whole is not None:
-            wav = wav.clone()  # the cached waveform is never written to
+            wav = whole[start : start + take].clone()  # the cached waveform is never written to
+        else:
+            wav = read_window(row.path, start, take, self.sample_rate, num_samples=n)
         if take < self.crop_samples:
             wav = torch.cat([wav, wav.new_zeros(self.crop_samples - take)])
         item = _item(row, wav, None, self._speaker_ids[row.speaker], take)
@@ -265,6 +253,29 @@ class CropDataset(_ManifestDataset):
             pitch[:, self._front.num_frames(take):] = 0.0
             item["pitch"] = pitch
         return item
+
+    def _start(self, n: int, state: UtteranceState | None, rng: np.random.Generator) -> int:
+        """Where the crop of an utterance of ``n`` samples starts: a uniform position; with
+        ``speech``, the first of up to :data:`SPEECH_TRIES` positions whose frames are at least
+        that share speech by the utterance's stored speech frames (no audio is read to choose),
+        else the most speech-like of them."""
+        if n < self.crop_samples:
+            return 0
+        if self.speech <= 0 or n == self.crop_samples:
+            return int(rng.integers(0, n - self.crop_samples + 1))
+        if state is None or state.speech is None:
+            raise RuntimeError("speech-biased crops need the utterances' speech frames (a state)")
+        hop, frames = self._front.logmel.hop_length, self._front.num_frames(self.crop_samples)
+        best, best_at = -1.0, 0
+        for _ in range(SPEECH_TRIES):
+            at = int(rng.integers(0, n - self.crop_samples + 1))
+            first = round(at / hop)  # the whole utterance's frame nearest the crop's first
+            share = float(state.speech[first : first + frames].sum()) / frames
+            if share >= self.speech:
+                return at
+            if share > best:
+                best, best_at = share, at
+        return best_at
 
     def _state(self, i: int, whole: Tensor | None) -> UtteranceState | None:
         """The whole utterance's front-end state (crops are made exactly as the whole is): the
