@@ -202,9 +202,11 @@ def test_prepare_writes_the_states_and_training_uses_them(tmp_path, compose_cfg,
     task = VQVAETask(train, out_dir=tmp_path / "exp", progress=False)
     assert not (tmp_path / "exp" / STATE_FILE).exists()  # nothing was measured
     assert task.train_set._store is not None and (task.train_set._store_index >= 0).all()
+    assert task.train_set.sampling == "duration" and task.train_set.speech == 0.5  # the defaults
     write_manifest(tmp_path / "m.tsv", corpus)  # no store beside this one: measured and kept
     train["data"]["manifest"] = str(tmp_path / "m.tsv")
-    train["data"]["crop_sampling"] = "duration"
+    train["data"].update(crop_sampling="utterance", crop_speech=0.25)
     task = VQVAETask(train, out_dir=tmp_path / "exp2", progress=False)
     assert (tmp_path / "exp2" / STATE_FILE).exists()
-    assert task.train_set.sampling == "duration"  # data.crop_sampling reaches the crops
+    # data.crop_sampling and data.crop_speech reach the crops
+    assert task.train_set.sampling == "utterance" and task.train_set.speech == 0.25
