@@ -23,7 +23,8 @@
 5. A table: each metric for both systems and their ratio (speechvq / MFCC + k-means).
 
 Every stage is skipped when its output exists (``--force`` redoes them), so an interrupted run
-resumes and a second ``--exp`` reuses the prepared data. Extra ``key=value`` arguments go to
+resumes and a second ``--exp`` reuses the prepared data (a prepared folder whose front-end
+state store an older speechvq wrote is prepared again). Extra ``key=value`` arguments go to
 ``speechvq-train`` (e.g. ``model.decoder.jitter=0.25``) to measure a variant.
 """
 
@@ -66,9 +67,31 @@ def _run(cmd: list[str], log_path: Path) -> None:
         sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
 
 
+def _stale(folder: Path) -> str | None:
+    """Why ``folder``'s front-end state store cannot be used (an older format, a damaged file), or
+    None: a folder prepared by an older speechvq is prepared again rather than reused, so that
+    every run does not measure its states again (nor a merge of it fail)."""
+    if not (folder / STATE_FILE).exists():
+        return None
+    try:
+        StateStore.load(folder / STATE_FILE)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _reuse(folder: Path, done: Path, args: argparse.Namespace) -> bool:
+    """Whether the prepared ``folder`` (``done`` is its last file) is reused, saying so."""
+    if not done.exists() or args.force:
+        return False
+    problem = _stale(folder)
+    print(f"prepare: {folder} exists, "
+          + ("reused" if problem is None else f"prepared again: {problem}"))
+    return problem is None
+
+
 def prepare(args: argparse.Namespace, data: Path, need_alignments: bool = True) -> None:
-    if (data / "test.tsv").exists() and not args.force:
-        print(f"prepare: {data} exists, reused")
+    if _reuse(data, data / "test.tsv", args):
         return
     if args.mini:
         cmd = [_tool("speechvq-prepare"), "data=mini", f"out_dir={data}"]
@@ -93,12 +116,12 @@ def prepare_extra(args: argparse.Namespace, data: Path, work: Path) -> Path:
     if not root.is_dir():
         sys.exit(f"--extra-train {root}: not a folder")
     extra, merged = work / f"extra_{root.name}", work / f"train_{root.name}"
-    if not (extra / "manifest.tsv").exists() or args.force:
+    fresh = not _reuse(extra, extra / "manifest.tsv", args)
+    if fresh:
         _run([_tool("speechvq-prepare"), "data=folder", f"data.root={root}", "data.speaker=parent",
               "data.split.by=none", f"out_dir={extra}"], extra / "bench_prepare.log")
     out = merged / "train.tsv"
-    if out.exists() and not args.force:
-        print(f"prepare: {out} exists, reused")
+    if not fresh and _reuse(merged, out, args):
         return out
     own, more = read_manifest(data / "train.tsv"), read_manifest(extra / "manifest.tsv")
     clash = sorted({r.id for r in own} & {r.id for r in more})

@@ -12,6 +12,7 @@ installed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import importlib.util
@@ -32,6 +33,7 @@ import soundfile as sf
 import torch
 
 from speechvq.data.manifest import ManifestRow, read_manifest, write_manifest
+from speechvq.stats import StateStore
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -433,6 +435,39 @@ def test_extra_training_audio_reaches_the_model_the_baseline_and_the_references(
                     "--penalties", 0, "--no-supervised", "--out", tmp_path / "refs.json")
     _grab(out, rf"^12 utterances \({NUM} test\), K = 16, 50 Hz, k-means fitted on "
                rf"{len(train) + 2} \(.*train_more/train\.tsv\); {NUM} s; written ")
+
+    # a work folder prepared by an older speechvq (state format 1) is prepared again, not reused
+    # (reused, every run would measure its states again, and merging them would fail)
+    for folder in ("data", "extra_more", "train_more"):
+        _age_state_store(work / folder / "frontend_state.npz")
+    bench_units = _script("bench_units")
+    parser = argparse.ArgumentParser()
+    bench_units.add_protocol_arguments(parser, parser.add_mutually_exclusive_group(required=True))
+    args = parser.parse_args(["--root", str(mini_work / "wav"), "--work", str(work),
+                              "--extra-train", str(extra), "--valid", "0.25", "--test", "0.25"])
+    bench_units.prepare(args, work / "data")
+    assert bench_units.prepare_extra(args, work / "data", work) == merged
+    out = capsys.readouterr().out
+    for folder in ("data", "extra_more"):
+        assert (f"prepare: {work / folder} exists, prepared again: "
+                f"{work / folder / 'frontend_state.npz'}: state format 1 ") in out
+    for folder in ("data", "extra_more", "train_more"):  # the merged store made again from them
+        StateStore.load(work / folder / "frontend_state.npz")  # the current format again
+    assert [r.id for r in read_manifest(merged)] == ids
+    bench_units.prepare_extra(args, work / "data", work)
+    assert f"prepare: {work / 'train_more'} exists, reused" in capsys.readouterr().out
+
+
+def _age_state_store(path: Path) -> None:
+    """Rewrite a front-end state store as state format 1 wrote it (no speech frames)."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if not k.startswith("speech_")}
+    meta = json.loads(str(arrays["meta"]))
+    meta["state_version"] = 1
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="state format 1"):
+        StateStore.load(path)
 
 
 def test_vqcpc_negatives_are_the_same_speakers_steps_at_other_times():
